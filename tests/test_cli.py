@@ -1,0 +1,84 @@
+"""The `ebft` command line: parsing, dispatch to lazily imported implementations, clean errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from ebft import cli
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  steps: 5\n")
+    return path
+
+
+def install_fake(monkeypatch, module_name, function_name):
+    """Put a recording stand-in for an implementation module in place; returns the list of its calls."""
+    calls = []
+    module = types.ModuleType(module_name)
+    setattr(module, function_name, lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setitem(sys.modules, module_name, module)
+    return calls
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in ("models", "train", "submit", "eval"))
+
+
+def test_train_parses_config_overrides_and_resume(monkeypatch, config_file):
+    calls = install_fake(monkeypatch, "ebft.cluster.train", "run")
+    assert cli.main(["train", str(config_file), "training.steps=7", "sampling.temperature=0.5", "--resume"]) == 0
+    (config,), kwargs = calls[0]
+    assert config.training.steps == 7 and config.sampling.temperature == 0.5 and kwargs == {"resume": True}
+
+
+def test_submit_and_eval_dispatch(monkeypatch, config_file):
+    submitted = install_fake(monkeypatch, "ebft.cluster.submit", "submit")
+    evaluated = install_fake(monkeypatch, "ebft.evaluation.cli", "run")
+    assert cli.main(["submit", str(config_file), "--address", "http://127.0.0.1:8265"]) == 0
+    assert submitted[0][1] == {"address": "http://127.0.0.1:8265", "resume": False}
+    assert cli.main(["eval", str(config_file), "--checkpoint", "runs/x"]) == 0
+    assert evaluated[0][0][0].training.steps == 5 and evaluated[0][1] == {"checkpoint": "runs/x"}
+
+
+def test_missing_implementation_says_not_implemented(monkeypatch, config_file, capsys):
+    monkeypatch.setitem(sys.modules, "ebft.cluster.train", None)  # behaves like an absent module
+    assert cli.main(["train", str(config_file)]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ebft.cluster.train", types.ModuleType("ebft.cluster.train"))  # no run()
+    assert cli.main(["train", str(config_file)]) == 2
+
+
+def test_config_errors_print_cleanly(config_file, capsys):
+    assert cli.main(["train", str(config_file), "sampling.temprature=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.temperature" in err and "Traceback" not in err
+    assert cli.main(["train", str(config_file.parent / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_models_prepare_prints_the_path(monkeypatch, tmp_path, capsys):
+    import ebft.models
+
+    monkeypatch.setattr(ebft.models, "prepare_smollm2", lambda cache_dir, progress: Path(cache_dir) / "smollm2")
+    assert cli.main(["models", "prepare", "smollm2", "--cache-dir", str(tmp_path), "-q"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "smollm2")
+
+
+def test_console_script_runs_without_traceback(config_file):
+    result = subprocess.run(
+        [sys.executable, "-m", "ebft.cli", "train", str(config_file), "data.chunk_length=13"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "data.chunk_length" in result.stderr and "Traceback" not in result.stderr
