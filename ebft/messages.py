@@ -34,6 +34,8 @@ class RolloutBatch:
     behavior_logprobs: torch.Tensor
     """[docs, n, NB, G] float32 log-probs of the sampled tokens under the sampler (logits / temperature)."""
     weight_version: int
+    elapsed_s: float = 0.0
+    """Seconds the actor spent generating this batch."""
 
 
 @dataclass
@@ -45,6 +47,8 @@ class FeatureBatch:
     """[docs, n, NB, D] float32."""
     gt_features: torch.Tensor
     """[docs, NB, D] float32."""
+    elapsed_s: float = 0.0
+    """Seconds the worker spent computing these features."""
 
 
 @dataclass
