@@ -57,22 +57,46 @@ def _models_prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = _load_config(args)
     run = _implementation("ebft.cluster.train", "run")
-    run(config, resume=args.resume)
+    summary = run(config, resume=args.resume)
+    from ebft.cluster.report import print_summary
+
+    print_summary(summary)
     return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
-    config = _load_config(args)
-    submit = _implementation("ebft.cluster.submit", "submit")
-    submit(config, address=args.address, resume=args.resume)
-    return 0
+    submit = _implementation("ebft.cluster.submit", "main_submit")
+    return submit(args.config, args.overrides, address=args.address, resume=args.resume)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    from ebft.config import load_config
+
+    model_or_checkpoint = args.model_or_checkpoint or args.model_after_config
+    if model_or_checkpoint is None:
+        raise ConfigError("ebft eval needs MODEL_OR_CHECKPOINT: a checkpoint, model or run folder, or `smollm2`")
+    config = load_config(args.config, [*args.overrides, *args.overrides_after_config])
     run = _implementation("ebft.evaluation.cli", "run")
-    run(config, checkpoint=args.checkpoint)
+    run(model_or_checkpoint, config, output=args.output)
     return 0
+
+
+class _ConfigThenOverrides(argparse.Action):
+    """`--config CONFIG [KEY=VALUE ...]`: once a positional has been read, argparse alone rejects
+    positionals that come after an option, so the overrides (and MODEL_OR_CHECKPOINT, if still
+    missing) that follow the config file are collected here."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.config, overrides = values[0], []
+        for value in values[1:]:
+            if "=" in value:
+                overrides.append(value)
+            elif namespace.model_after_config is None and getattr(namespace, "model_or_checkpoint", None) is None:
+                # Its own attribute: argparse sets the (then empty) positional to None after this runs.
+                namespace.model_after_config = value
+            else:
+                parser.error(f"unexpected argument {value!r}: overrides have the form section.key=value")
+        namespace.overrides_after_config = overrides
 
 
 # ----------------------------------------------------------------------------- parser
@@ -114,10 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     submit.set_defaults(handler=_submit)
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (held-out CE, feature matching, HumanEval)")
-    _add_config_arguments(evaluate)
-    evaluate.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the policy in the config)")
-    evaluate.set_defaults(handler=_eval)
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model or checkpoint (held-out CE, feature matching, HumanEval, BLEU)"
+    )
+    evaluate.add_argument(
+        "model_or_checkpoint",
+        metavar="MODEL_OR_CHECKPOINT",
+        nargs="?",
+        help="checkpoint or HF model folder, a run folder (its newest checkpoint), `smollm2`, or a hub id",
+    )
+    evaluate.add_argument(
+        "--config",
+        nargs="+",
+        metavar=("CONFIG", "KEY=VALUE"),
+        action=_ConfigThenOverrides,
+        default=None,
+        help="YAML run configuration (data, geometry, feature model, eval settings; default: built-in), then overrides",
+    )
+    evaluate.add_argument(
+        "overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, e.g. eval.humaneval_problems=164"
+    )
+    evaluate.add_argument(
+        "--output", default=None, help="metrics JSON path (default: MODEL_OR_CHECKPOINT.eval.json beside it)"
+    )
+    evaluate.set_defaults(handler=_eval, overrides_after_config=[], model_after_config=None)
     return parser
 
 

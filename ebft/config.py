@@ -157,6 +157,17 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0.0)
     max_new_tokens: int = Field(256, ge=1)
     timeout_s: float = Field(5.0, gt=0.0)
+    translation_file: str | None = None
+    """A jsonl of {source, reference} scored with corpus BLEU by `ebft eval` (None: skip)."""
+    translation_prompt: str = "Translate the following text.\n\nText: {source}\nTranslation:"
+    """Prompt of each translation; `{source}` is replaced by the source text. Generation stops at a newline."""
+
+    @field_validator("translation_prompt")
+    @classmethod
+    def _prompt_has_source(cls, value: str) -> str:
+        if "{source}" not in value:
+            raise ValueError("the template must contain `{source}`, where the source text goes")
+        return value
 
 
 class Config(Section):

