@@ -1,299 +1,39 @@
-"""Training data: read the configured sources, tokenize, pack into fixed T-token chunks, stream them.
+"""Training data: tokenize the sources' examples, pack them into fixed T-token chunks, stream them.
 
 Packing follows the authors' code: each example is tokenized without special tokens (question and
 answer separately, then concatenated, no chat template), an EOS follows every example, and the token
 stream is cut into chunks of T = data.chunk_length tokens; the trailing partial chunk is dropped.
-The train/held-out split is per example (for the Python stdlib: per file) by a hash of the example's
-stable key, so it does not depend on the machine, the seed or the order of sources.
-
-Rows that cannot be used are counted per source and reason in a `DataReport`; nothing is dropped
-without being counted.
+Sources, the held-out split and the bad-row report live in `ebft.data_sources`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import sys
-import sysconfig
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ebft.config import ConfigError, DataConfig, SourceConfig
+from ebft.config import DataConfig, SourceConfig
+from ebft.data_sources import (  # noqa: F401  (re-exported: the data API in one place)
+    DataError,
+    DataReport,
+    Example,
+    is_heldout,
+    python_stdlib_files,
+    read_source,
+)
 from ebft.messages import ChunkBatch
 
 logger = logging.getLogger(__name__)
 
-STDLIB_SOURCE = "python_stdlib"
-HF_PREFIX = "hf:"
-SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".py": "text", ".md": "text"}
-SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages"}
-# Left out of the stdlib corpus: test suites hold deliberately broken or odd files and test data.
-STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
 TOKENIZE_BATCH = 256
-
-
-class DataError(ConfigError):
-    """The configured data cannot produce training chunks (worded with the source and what to fix)."""
-
-
-# ----------------------------------------------------------------------------- bookkeeping
-
-
-@dataclass
-class DataReport:
-    """What each source contributed and what was rejected, by reason."""
-
-    usable: Counter = field(default_factory=Counter)
-    heldout: Counter = field(default_factory=Counter)
-    rejected: defaultdict = field(default_factory=lambda: defaultdict(Counter))
-    train_tokens: int = 0
-    heldout_tokens: int = 0
-    train_chunks: int = 0
-    heldout_chunks: int = 0
-    chunk_length: int = 0
-
-    def reject(self, source: str, reason: str, count: int = 1) -> None:
-        self.rejected[source][reason] += count
-
-    def rejected_text(self, source: str) -> str:
-        counts = self.rejected.get(source) or {}
-        return ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items())) or "none"
-
-    def summary(self) -> str:
-        sources = "; ".join(
-            f"{name}: {self.usable[name]} examples ({self.heldout[name]} held out), rejected: {self.rejected_text(name)}"
-            for name in dict.fromkeys([*self.usable, *self.rejected])
-        )
-        return (
-            f"data: {sources}. {self.train_tokens} train tokens -> {self.train_chunks} chunks, "
-            f"{self.heldout_tokens} held-out tokens -> {self.heldout_chunks} chunks of {self.chunk_length} tokens"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "usable": dict(self.usable),
-            "heldout": dict(self.heldout),
-            "rejected": {name: dict(counts) for name, counts in self.rejected.items()},
-            "train_chunks": self.train_chunks,
-            "heldout_chunks": self.heldout_chunks,
-        }
-
-
-@dataclass
-class Example:
-    key: str
-    """Stable identity inside its source (relative path, plus `:row` for tabular files); decides the split."""
-    text: str
-    """The whole text, or the question when `answer` is set."""
-    answer: str | None = None
-
-
-def is_heldout(key: str, fraction: float) -> bool:
-    """Deterministic split: the key's SHA-256 read as a number in [0, 1)."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-# ----------------------------------------------------------------------------- reading sources
-
-
-def _text_value(value: Any) -> tuple[str | None, str | None]:
-    """(text, None) or (None, rejection reason) for one field of a row."""
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "undecodable"
-    if not isinstance(value, str):
-        return None, "not_text"
-    if not value.strip():
-        return None, "empty_text"
-    return value, None
-
-
-def _row_to_example(key: str, row: Any, source: SourceConfig) -> tuple[Example | None, str | None]:
-    if not isinstance(row, dict):
-        return None, "not_an_object"
-    fields = [source.question_key, source.answer_key] if source.question_key else [source.text_key]
-    values = []
-    for name in fields:
-        if name not in row or row[name] is None:
-            return None, "missing_key"
-        value, reason = _text_value(row[name])
-        if reason:
-            return None, reason
-        values.append(value)
-    return Example(key, *values), None
-
-
-def _jsonl_rows(path: Path, key_prefix: str) -> Iterator[tuple[str, Any, str | None]]:
-    with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue  # blank lines (e.g. a final newline) are not rows
-            key = f"{key_prefix}:{line_number}"
-            try:
-                yield key, json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError:
-                yield key, None, "undecodable"
-            except json.JSONDecodeError:
-                yield key, None, "invalid_json"
-
-
-def _parquet_rows(path: Path, key_prefix: str, columns: list[str]) -> Iterator[tuple[str, Any, str | None]]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    present = [name for name in columns if name in parquet.schema_arrow.names]
-    row_number = 0
-    for batch in parquet.iter_batches(columns=present, batch_size=4096):
-        for row in batch.to_pylist():
-            yield f"{key_prefix}:{row_number}", row, None
-            row_number += 1
-
-
-def _file_examples(path: Path, key: str, file_format: str, source: SourceConfig, label: str, report: DataReport):
-    """Examples of one file; rejected rows are counted in `report`. Unreadable files count once."""
-    try:
-        if file_format == "text":
-            if source.question_key:
-                report.reject(label, "missing_key")  # a plain text file has no question/answer fields
-                return
-            text, reason = _text_value(path.read_bytes())
-            if reason:
-                report.reject(label, reason)
-            else:
-                yield Example(key, text)
-            return
-        if file_format == "jsonl":
-            rows = _jsonl_rows(path, key)
-        else:
-            columns = [source.question_key, source.answer_key] if source.question_key else [source.text_key]
-            rows = _parquet_rows(path, key, columns)
-        for row_key, row, reason in rows:
-            example, reason = (None, reason) if reason else _row_to_example(row_key, row, source)
-            if reason:
-                report.reject(label, reason)
-            else:
-                yield example
-    except OSError as error:
-        logger.warning("%s: cannot read %s (%s)", label, path, error)
-        report.reject(label, "unreadable_file")
-    except Exception as error:  # a corrupt parquet file raises pyarrow's own errors
-        logger.warning("%s: cannot read %s (%s: %s)", label, path, type(error).__name__, error)
-        report.reject(label, "unreadable_file")
-
-
-def _walk_files(root: Path, skipped_dirs: set[str], suffixes: Iterable[str] | None = None) -> list[Path]:
-    """Files under root in a fixed (sorted) order, not descending into skipped or hidden folders."""
-    found = []
-    for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skipped_dirs and not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and (suffixes is None or Path(name).suffix in suffixes):
-                found.append(Path(folder) / name)
-    return found
-
-
-def python_stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def python_stdlib_files(include_tests: bool = False) -> list[tuple[str, Path]]:
-    """(relative posix path, file) of the interpreter's own stdlib .py files, sorted, no site-packages."""
-    root = python_stdlib_dir()
-    skipped = SKIPPED_DIRS | (set() if include_tests else STDLIB_TEST_DIRS)
-    return [(path.relative_to(root).as_posix(), path) for path in _walk_files(root, skipped, {".py"})]
-
-
-def _local_path(source: SourceConfig) -> Path:
-    path = Path(source.path).expanduser()
-    if not path.exists():
-        raise DataError(f"data source {source.path!r} does not exist; check data.sources[].path")
-    return path
-
-
-def _hf_examples(source: SourceConfig, label: str, report: DataReport) -> Iterator[Example]:
-    import datasets
-
-    name = source.path[len(HF_PREFIX):] if source.path.startswith(HF_PREFIX) else source.path
-    try:
-        local = Path(name).expanduser()
-        saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")  # written by save_to_disk
-        saved = local.is_dir() and any((local / marker).exists() for marker in saved_markers)
-        dataset = datasets.load_from_disk(str(local)) if saved else datasets.load_dataset(name, split=source.split)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[source.split]
-    except Exception as error:
-        raise DataError(
-            f"data source {source.path!r}: could not load the HF dataset (split {source.split!r}): "
-            f"{type(error).__name__}: {error}. Without hub access, use a local dataset folder (hf:/path/to/dir) "
-            f"or a .jsonl/.parquet file"
-        ) from None
-    for index, row in enumerate(dataset):
-        example, reason = _row_to_example(f"{index}", row, source)
-        if reason:
-            report.reject(label, reason)
-        else:
-            yield example
-
-
-def source_format(source: SourceConfig) -> str:
-    """The reader for a source: explicit `format`, else from `path` (alias, `hf:` prefix, folder, suffix)."""
-    if source.format != "auto":
-        return source.format
-    if source.path == STDLIB_SOURCE:
-        return "python_stdlib"
-    if source.path.startswith(HF_PREFIX):
-        return "hf"
-    path = _local_path(source)
-    if path.is_dir():
-        return "directory"
-    if path.suffix in SUFFIX_FORMATS:
-        return SUFFIX_FORMATS[path.suffix]
-    raise DataError(
-        f"data source {source.path!r}: cannot tell the format from the suffix {path.suffix!r}; set "
-        f"format to one of jsonl, parquet, text (known suffixes: {', '.join(SUFFIX_FORMATS)})"
-    )
-
-
-def read_source(source: SourceConfig, label: str, report: DataReport) -> Iterator[Example]:
-    """All examples of one source, in a deterministic order; rejections go to `report`."""
-    if bool(source.question_key) != bool(source.answer_key):
-        raise DataError(f"data source {source.path!r}: set both question_key and answer_key, or neither")
-    kind = source_format(source)
-    if kind == "hf":
-        yield from _hf_examples(source, label, report)
-        return
-    if kind == "python_stdlib":
-        files = [(key, path, "text") for key, path in python_stdlib_files()]
-    else:
-        root = _local_path(source)
-        if root.is_dir():
-            files = []
-            for path in _walk_files(root, SKIPPED_DIRS):
-                file_format = kind if kind != "directory" else SUFFIX_FORMATS.get(path.suffix)
-                if file_format is None:
-                    report.reject(label, "unsupported_file")
-                else:
-                    files.append((path.relative_to(root).as_posix(), path, file_format))
-        else:
-            files = [(root.name, root, kind)]
-    for key, path, file_format in files:
-        yield from _file_examples(path, key, file_format, source, label, report)
-
-
-# ----------------------------------------------------------------------------- tokenizing and packing
 
 
 @dataclass
