@@ -1,0 +1,173 @@
+"""The learner pool: world_size Ray actors, each one DeepSpeed rank (engine.LearnerRank).
+
+The group shards a step's documents evenly over the ranks and fans every call out to all of them
+(train_step, export_weights, save_checkpoint and load_checkpoint are collective). Checkpoint paths
+must be on storage every rank can reach (one node, or a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ebft.config import Config
+from ebft.messages import FeatureBatch, RolloutBatch, WeightUpdate
+
+if TYPE_CHECKING:
+    import torch
+
+
+class LearnerRankActor:
+    """Ray actor body: one process, one rank, built once the rendezvous address is known."""
+
+    def __init__(self, cpus: float):
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))
+        self.learner = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        from ebft.learner.engine import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, config: Config, model_path: str, *, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int) -> None:
+        from ebft.learner.engine import LearnerRank
+
+        self.learner = LearnerRank(
+            config, model_path, rank=rank, world_size=world_size, local_rank=local_rank, master_addr=master_addr, master_port=master_port
+        )
+
+    def train_step(self, rollouts, features, current_version: int, capture_gradients: bool = False) -> dict[str, float]:
+        return self.learner.train_step(rollouts, features, current_version, capture_gradients=capture_gradients)
+
+    def export_weights(self) -> WeightUpdate | None:
+        return self.learner.export_weights()
+
+    def captured_gradients(self):
+        return self.learner.captured_gradients
+
+    def connect_weight_receivers(self, rollout_actors) -> None:
+        self.learner.connect_weight_receivers(rollout_actors)
+
+    def push_weights(self) -> int | None:
+        return self.learner.push_weights()
+
+    def document_ce(self, tokens):
+        return self.learner.document_ce(tokens)
+
+    def save_checkpoint(self, path: str, extra_state: dict[str, Any]) -> str:
+        return str(self.learner.save_checkpoint(path, extra_state))
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        return self.learner.load_checkpoint(path)
+
+    def state(self) -> dict[str, int]:
+        return {"step": self.learner.step, "weight_version": self.learner.weight_version}
+
+
+class LearnerGroup:
+    """resources.learner.num_actors DeepSpeed ranks as Ray actors (one placement-group bundle each, if given)."""
+
+    def __init__(self, config: Config, model_path: str | os.PathLike, placement_group=None, *, bundle_indices: Sequence[int] | None = None):
+        from ebft.learner.engine import LearnerRank
+
+        resources = config.resources.learner
+        self.config = config
+        self.world_size = resources.num_actors
+        LearnerRank.batch_geometry(config, self.world_size)  # fail here, not inside an actor
+        bundles = list(bundle_indices) if bundle_indices is not None else list(range(self.world_size))
+        remote_cls = ray.remote(LearnerRankActor)
+        self.actors = []
+        for rank in range(self.world_size):
+            options: dict[str, Any] = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
+            if placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=bundles[rank]
+                )
+            self.actors.append(remote_cls.options(**options).remote(resources.cpus_per_actor))
+        try:
+            master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
+            # Each GPU actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), hence local rank 0.
+            local = (lambda rank: 0) if resources.gpus_per_actor > 0 else (lambda rank: rank)
+            ray.get(
+                [
+                    actor.setup.remote(
+                        config,
+                        str(model_path),
+                        rank=rank,
+                        world_size=self.world_size,
+                        local_rank=local(rank),
+                        master_addr=master_addr,
+                        master_port=master_port,
+                    )
+                    for rank, actor in enumerate(self.actors)
+                ]
+            )
+        except Exception:
+            self.shutdown()
+            raise
+        self.weight_version = 0
+        self.step = 0
+
+    def train_step(
+        self, rollouts: list[RolloutBatch], features: list[FeatureBatch], current_version: int, *, capture_gradients: bool = False
+    ) -> dict[str, float]:
+        """One optimizer step over all of the step's documents; metrics are already averaged over ranks."""
+        from ebft.learner.batches import shard_batches
+
+        shards = shard_batches(rollouts, features, self.world_size)
+        metrics = ray.get(
+            [
+                actor.train_step.remote(r, f, current_version, capture_gradients)
+                for actor, (r, f) in zip(self.actors, shards)
+            ]
+        )[0]
+        self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
+        return metrics
+
+    def export_weights(self) -> ray.ObjectRef:
+        """An ObjectRef of rank 0's WeightUpdate (all ranks take part: ZeRO-3 gathers the partitions)."""
+        refs = [actor.export_weights.remote() for actor in self.actors]
+        ray.get(refs[1:])
+        return refs[0]
+
+    def connect_weight_receivers(self, rollout_actors: Sequence[Any]) -> None:
+        """Open the configured weight transport from rank 0 to these rollout actors (once, or after a restart)."""
+        ray.get([actor.connect_weight_receivers.remote(list(rollout_actors)) for actor in self.actors])
+
+    def push_weights(self) -> int:
+        """Send the current weights to the connected rollout actors through the transport (from rank 0,
+        gathered first under ZeRO-3); returns the version every actor now reports."""
+        return ray.get([actor.push_weights.remote() for actor in self.actors])[0]
+
+    def document_ce(self, tokens) -> "torch.Tensor":
+        """Teacher-forced token-mean NLL [docs] of chunks [docs, T] under the current policy."""
+        return ray.get([actor.document_ce.remote(tokens) for actor in self.actors])[0]
+
+    def captured_gradients(self):
+        return ray.get(self.actors[0].captured_gradients.remote())
+
+    def save_checkpoint(self, path: str | os.PathLike, extra_state: dict[str, Any] | None = None) -> str:
+        return ray.get([actor.save_checkpoint.remote(str(path), extra_state or {}) for actor in self.actors])[0]
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        extra = ray.get([actor.load_checkpoint.remote(str(path)) for actor in self.actors])[0]
+        state = ray.get(self.actors[0].state.remote())
+        self.weight_version, self.step = state["weight_version"], state["step"]
+        return extra
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "LearnerGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
