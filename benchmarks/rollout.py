@@ -1,0 +1,211 @@
+"""Rollout benchmark: generated tokens per second, vLLM rollout engine vs the authors' packed sampler.
+
+Same model and geometry for both: SmolLM2-135M (bf16; `--model tiny` for a 4-layer random Llama),
+T = 256, C = s = G = 8 (NB = 31), n = 4, temperature 0.6, chunks of real text (Python stdlib sources).
+
+(a) `RolloutWorker.generate` (in-process vLLM engine): the NB nested prefixes of each chunk as prompts
+    with n samples, prefix caching, all chunks in one call.
+(b) the authors' approach (EBFT_METHOD.md section 2), re-implemented: per chunk, the packed layout
+    [doc] + [generated, step-major] (T + NB*G tokens) with its dense additive mask, G full forwards
+    with no KV cache and float32 logits at all positions, sampling all NB blocks of all n samples at
+    once. The mask is built once per run, vectorized (the authors build it in Python loops).
+    `--truncated-baseline` cuts forward t at the T + t*NB tokens that exist: a faster baseline than
+    the authors' code.
+
+Both run with the same number of torch threads, alternately (a change in machine load hits both),
+best of `--repeats` each; the engine has one warm-up call first. The baseline costs the same per
+chunk whatever the batch, so it runs on fewer chunks (`--baseline-docs`).
+The last line is JSON.
+
+    python benchmarks/rollout.py [--model smollm2|tiny] [--docs 8] [--baseline-docs 1] [--repeats 2] [--eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+# vLLM drops torch to one thread unless OMP_NUM_THREADS is set; give both contenders all cores.
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import best_time, emit  # noqa: E402
+
+from ebft.config import build_config  # noqa: E402
+from ebft.layout import BlockPlan  # noqa: E402
+from ebft.messages import ChunkBatch  # noqa: E402
+
+T, C, S, G, N = 256, 8, 8, 8, 4
+
+
+def tiny_llama(directory: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def text_chunks(model_path: str, docs: int) -> torch.Tensor:
+    """[docs, T] token ids of consecutive stretches of stdlib source (random ids without a tokenizer)."""
+    from ebft.actors.rollout import has_tokenizer
+    from ebft.data import python_stdlib_files
+
+    if not has_tokenizer(model_path):
+        return torch.randint(3, 2048, (docs, T), generator=torch.Generator().manual_seed(0))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids: list[int] = []
+    for _, path in python_stdlib_files():
+        ids += tokenizer(path.read_text(errors="replace"))["input_ids"]
+        if len(ids) >= docs * T:
+            break
+    return torch.tensor(ids[: docs * T]).view(docs, T)
+
+
+@torch.inference_mode()
+def packed_sampler(
+    model, plan: BlockPlan, docs: torch.Tensor, n: int, temperature: float, truncate: bool = False
+) -> torch.Tensor:
+    """The authors' sampler: G no-cache forwards over the packed layout; returns [docs, n, NB, G].
+
+    Each forward covers the whole packed sequence (slots of tokens not sampled yet hold placeholders
+    that nothing before them attends to) and its logits are cast to float32 at every position, as in
+    the authors' code. `truncate` cuts each forward at the tokens that exist instead (cheaper).
+    """
+    NB, T, S = plan.num_blocks, plan.chunk_length, plan.packed_length
+    dtype = next(model.parameters()).dtype
+    mask, positions, predictors = plan.attention_mask(dtype), plan.position_ids, plan.predictor_indices
+    generator = torch.Generator().manual_seed(0)
+    out = torch.empty(docs.shape[0], n, NB, plan.block_length, dtype=torch.int64)
+    for d, doc in enumerate(docs):
+        sequence = torch.cat([doc, torch.zeros(S - T, dtype=doc.dtype)]).repeat(n, 1)
+        for t in range(plan.block_length):
+            visible = T + t * NB if truncate else S
+            logits = model(
+                input_ids=sequence[:, :visible],
+                attention_mask=mask[..., :visible, :visible].expand(n, 1, visible, visible),
+                position_ids=positions[:visible].expand(n, visible),
+            ).logits.float()
+            step = logits[:, predictors[:, t]] / temperature  # [n, NB, V]
+            sampled = torch.multinomial(step.softmax(-1).flatten(0, 1), 1, generator=generator).view(n, NB)
+            out[d, :, :, t] = sampled
+            sequence[:, T + t * NB : T + (t + 1) * NB] = sampled  # packed index T + t*NB + k
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--docs", type=int, default=8, help="chunks per rollout-engine call")
+    parser.add_argument("--baseline-docs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--eager", action="store_true", help="no torch.compile in vLLM: ~1 min faster start")
+    parser.add_argument(
+        "--truncated-baseline", action="store_true", help="baseline forwards stop at the tokens sampled so far"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.model == "smollm2":
+            from ebft.models import smollm2_path
+
+            model_path = str(smollm2_path())
+        else:
+            model_path = tiny_llama(scratch)
+        config = build_config(
+            {
+                "model": {"policy": model_path, "dtype": "bfloat16"},
+                "data": {"chunk_length": T},
+                "sampling": {"context_length": C, "stride": S, "block_length": G, "num_samples": N},
+                "rollout": {"kv_cache_gib": 1.0},
+            }
+        )
+        plan = BlockPlan.from_config(config)
+        docs = text_chunks(model_path, args.docs)
+        tokens_per_doc = N * plan.num_blocks * G
+        print(f"model {args.model} ({model_path}); T={T} C={C} s={S} G={G} n={N} NB={plan.num_blocks}; "
+              f"torch threads {torch.get_num_threads()}")
+
+        from transformers import AutoModelForCausalLM
+
+        from ebft.actors.rollout import RolloutWorker
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model.eval()
+        baseline_docs = docs[: args.baseline_docs]
+        started = time.perf_counter()
+        worker = RolloutWorker(config, model_path, enforce_eager=args.eager)
+        print(f"rollout engine ready in {time.perf_counter() - started:.1f} s")
+        steps = iter(range(1_000_000))
+
+        def rollout_once():
+            # Training never sees a chunk twice: start from an empty prefix cache, with fresh seeds.
+            worker.llm.reset_prefix_cache()
+            worker.generate(ChunkBatch(chunk_ids=list(range(len(docs))), tokens=docs, step=next(steps)))
+
+        rollout_once()  # warm-up (the first log-probs request costs seconds)
+        # Alternate the two so that a change in machine load hits both; keep each one's best.
+        actor_s = baseline_s = float("inf")
+        for _ in range(args.repeats):
+            baseline_s = min(baseline_s, best_time(
+                lambda: packed_sampler(model, plan, baseline_docs, N, 0.6, args.truncated_baseline), 1, warmup=0
+            ))
+            actor_s = min(actor_s, best_time(rollout_once, 1, warmup=0))
+        worker.shutdown()
+        baseline_rate = len(baseline_docs) * tokens_per_doc / baseline_s
+        actor_rate = len(docs) * tokens_per_doc / actor_s
+        print(f"(b) authors' packed sampler: {len(baseline_docs)} chunks in {baseline_s:.2f} s "
+              f"-> {baseline_rate:,.0f} generated tok/s")
+        print(f"(a) rollout engine (vLLM): {len(docs)} chunks in {actor_s:.2f} s -> {actor_rate:,.0f} generated tok/s")
+
+    emit(
+        {
+            "benchmark": "rollout",
+            "ratio": round(actor_rate / baseline_rate, 2),
+            "actor_tok_s": round(actor_rate, 1),
+            "baseline_tok_s": round(baseline_rate, 1),
+            "model": args.model,
+            "T": T,
+            "C": C,
+            "s": S,
+            "G": G,
+            "n": N,
+            "docs": len(docs),
+            "baseline_docs": len(baseline_docs),
+            "baseline_forward": "truncated" if args.truncated_baseline else "full packed length",
+            "engine": "eager" if args.eager else "compiled",
+            "threads": torch.get_num_threads(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The rollout engine: one vLLM engine that samples every block of every chunk, and takes new weights.
+
+`RolloutWorker` is a plain class (tests and evaluation use it directly); `ebft.actors.pool` wraps it
+in a Ray actor. A Ray actor runs one method at a time, so a weight update submitted while `generate`
+runs waits for it: a chunk batch is always sampled, start to finish, by one weight version.
+
+Generation follows EBFT's strided block-parallel sampling (EBFT_METHOD.md section 2): for each chunk,
+the NB nested prefixes doc[:C + k*s] are ordinary prompts with n samples of exactly G tokens (no EOS
+stop); prefix caching lets all prefixes of a chunk share their KV. Each block's sampling seed is a
+hash of (run seed, step, chunk id, block), so a resumed run samples the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ebft.layout import BlockPlan
+from ebft.messages import ChunkBatch, RolloutBatch, WeightUpdate
+from ebft.weight_transport import (
+    NCCL,
+    WORKER_EXTENSION,
+    choose_transport,
+    load_update_into_engine,
+    receive_weight_broadcast,
+)
+
+
+GIB = 1 << 30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def block_seed(run_seed: int, step: int, chunk_id: int, block: int) -> int:
+    """Sampling seed of one block's request; vLLM seeds its n samples with seed + 0 .. seed + n - 1.
+
+    A hash rather than arithmetic, so neighbouring (step, chunk, block) triples never share seeds.
+    """
+    digest = hashlib.blake2b(f"{run_seed}/{step}/{chunk_id}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2  # headroom for seed + sample index
+
+
+def has_tokenizer(model_path: str) -> bool:
+    path = Path(model_path)
+    if not path.is_dir():
+        return True  # a hub id: its repository carries the tokenizer
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+@contextlib.contextmanager
+def _without_env(name: str):
+    """vLLM's CPU platform lets the legacy VLLM_CPU_KVCACHE_SPACE override kv_cache_memory_bytes;
+    the config's bound must win, so hide the variable while the engine is built."""
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
+class RolloutWorker:
+    """One vLLM engine serving rollouts (`generate`), weight updates, and plain completions."""
+
+    def __init__(
+        self,
+        config,
+        model_path: str,
+        *,
+        enforce_eager: bool = False,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 1024,
+        max_num_batched_tokens: int = 16384,
+    ) -> None:
+        """Builds the engine (seconds to a minute). Tuning knobs, defaults fit EBFT rollouts:
+
+        - `enforce_eager`: skip torch.compile; start in seconds instead of ~1 min on CPU, ~7% slower
+          on SmolLM2-135M. Tests and short evaluations want it.
+        - `max_model_len`: T + G by default; raise it when `complete` serves longer prompts.
+        - `max_num_seqs`: sequences per decode step; one chunk brings NB x n of them (124 at T = 256),
+          so vLLM's default of 256 would split 8 chunks into four rounds.
+        - `max_num_batched_tokens`: tokens per engine step (the uncached prompt tails are prefilled
+          in as few steps as possible).
+        """
+        from ebft.models import resolve_model_path
+
+        self.config = config
+        self.plan = BlockPlan.from_config(config)
+        self.transport = choose_transport(config)
+        self.model_path = resolve_model_path(str(model_path))
+        self._version = 0
+        max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
+        self.llm = self._build_engine(
+            enforce_eager=enforce_eager,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(max_num_batched_tokens, max_model_len),
+        )
+        self.llm.llm_engine.set_weight_version(str(self._version))
+
+    def _build_engine(self, **engine_options):
+        from vllm import LLM
+
+        on_gpu = self.config.resources.rollout.gpus_per_actor > 0
+        options = dict(
+            engine_options,
+            dtype=self.config.model.dtype,
+            seed=self.config.training.seed,
+            enable_prefix_caching=True,
+            # With chunked prefill, a seeded request whose prompt is split across steps makes vLLM
+            # rewind its sampling generator, which a CPU generator cannot do (RuntimeError); whole
+            # prompts per step also keep seeded sampling independent of how requests are batched.
+            enable_chunked_prefill=False,
+            # Log-probs of the sampled tokens after temperature (and top-p): the behavior policy.
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            skip_tokenizer_init=not has_tokenizer(self.model_path),
+            trust_remote_code=self.config.model.trust_remote_code,
+        )
+        if on_gpu:
+            options["gpu_memory_utilization"] = self.config.rollout.gpu_memory_utilization
+            if self.transport == NCCL:
+                from vllm.config import WeightTransferConfig
+
+                options["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+            return LLM(self.model_path, **options)
+        # Unbounded, a CPU engine reserves ~10 GB of KV cache even for a tiny model.
+        options["kv_cache_memory_bytes"] = int(self.config.rollout.kv_cache_gib * GIB)
+        # Prefixes are shared in whole KV blocks; the CPU default of 128 tokens would share nothing
+        # below position 128. 32 is the smallest block the CPU attention kernel takes.
+        options["block_size"] = 32
+        with _without_env("VLLM_CPU_KVCACHE_SPACE"):
+            return LLM(self.model_path, **options)
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _block_params(self, seed: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = self.config.sampling
+        return SamplingParams(
+            n=s.num_samples,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            # Exactly G tokens: no stop at EOS. Not min_tokens=G: it would mask EOS out of the sampling
+            # distribution (the policy can emit EOS mid-block, as the packed data contain EOS
+            # separators) and shift the behavior log-probs away from logits / temperature.
+            max_tokens=s.block_length,
+            ignore_eos=True,
+            logprobs=0,  # the sampled token's own log-prob
+            seed=seed,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def generate(self, chunks: ChunkBatch) -> RolloutBatch:
+        """n samples of exactly G tokens at every block of every chunk, all from the current weights."""
+        from vllm.inputs import TokensPrompt
+
+        plan, s = self.plan, self.config.sampling
+        docs = torch.as_tensor(chunks.tokens)
+        if docs.ndim != 2 or docs.shape[1] != plan.chunk_length:
+            raise ValueError(f"chunk tokens must be [docs, T={plan.chunk_length}], got {tuple(docs.shape)}")
+        if len(chunks.chunk_ids) != docs.shape[0]:
+            raise ValueError(f"{len(chunks.chunk_ids)} chunk ids for {docs.shape[0]} chunks")
+        started = time.perf_counter()
+        prefix_lengths = plan.prefix_lengths.tolist()
+        prompts, params = [], []
+        for chunk_id, doc in zip(chunks.chunk_ids, docs.tolist()):
+            for block, length in enumerate(prefix_lengths):
+                prompts.append(TokensPrompt(prompt_token_ids=doc[:length]))
+                params.append(self._block_params(block_seed(self.config.training.seed, chunks.step, chunk_id, block)))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+
+        num_docs, n, NB, G = docs.shape[0], s.num_samples, plan.num_blocks, plan.block_length
+        tokens = torch.empty(num_docs, n, NB, G, dtype=torch.int64)
+        logprobs = torch.empty(num_docs, n, NB, G, dtype=torch.float32)
+        versions: set[str] = set()
+        for index, output in enumerate(outputs):
+            doc, block = divmod(index, NB)
+            if len(output.outputs) != n:
+                raise RuntimeError(f"vLLM returned {len(output.outputs)} samples for a block, expected {n}")
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                if len(ids) != G:
+                    raise RuntimeError(f"vLLM returned {len(ids)} tokens for a block, expected exactly G={G}")
+                tokens[doc, sample.index, block] = torch.tensor(ids)
+                logprobs[doc, sample.index, block] = torch.tensor(
+                    [position[token].logprob for position, token in zip(sample.logprobs, ids)]
+                )
+                versions.update(span.version for span in sample.weight_versions or ())
+        # vLLM labels every sampled token with the engine's weight version: the record of what was used.
+        if versions - {str(self._version)}:
+            raise RuntimeError(f"one chunk batch was sampled by weight versions {sorted(versions)}")
+        return RolloutBatch(
+            chunks=chunks,
+            tokens=tokens,
+            behavior_logprobs=logprobs,
+            weight_version=self._version,
+            elapsed_s=time.perf_counter() - started,
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def weight_version(self) -> int:
+        return self._version
+
+    def _check_forward(self, version: int) -> None:
+        if version <= self._version:
+            raise ValueError(f"weight update to version {version} does not move forward from {self._version}")
+
+    def update_weights(self, update: WeightUpdate) -> int:
+        """Object-store transport: load safetensors bytes into the running engine; returns the new version."""
+        self._check_forward(update.version)
+        load_update_into_engine(self.llm, update)
+        self._version = update.version
+        return self._version
+
+    def weight_transfer_world_size(self) -> int:
+        """NCCL ranks this engine occupies in the weight-transfer group (its TP x PP size)."""
+        return self.llm.get_world_size(include_dp=False)
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """NCCL transport: join the learner's group (blocks until the learner's rank 0 joins)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_weight_broadcast(self, update_info: dict, version: int) -> int:
+        """NCCL transport: receive one broadcast from the learner; returns the new version."""
+        self._check_forward(version)
+        receive_weight_broadcast(self.llm, update_info, version)
+        self._version = version
+        return self._version
+
+    # ------------------------------------------------------------------ evaluation
+
+    def complete(
+        self,
+        prompts: list[str] | list[list[int]],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[list[str]] | list[list[list[int]]]:
+        """n completions per prompt: texts for text prompts, token ids for token-id prompts.
+
+        Text prompts and `stop` strings need the model folder's tokenizer.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        as_text = bool(prompts) and isinstance(prompts[0], str)
+        if (as_text or stop) and self.llm.llm_engine.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer: pass token-id prompts and no stop strings")
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+            detokenize=as_text or bool(stop),
+        )
+        inputs = prompts if as_text else [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        ordered = [sorted(output.outputs, key=lambda sample: sample.index) for output in outputs]
+        if as_text:
+            return [[sample.text for sample in samples] for samples in ordered]
+        return [[list(sample.token_ids) for sample in samples] for samples in ordered]
+
+    def shutdown(self) -> None:
+        """Release the engine (and its KV cache) now rather than at garbage collection."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        del llm

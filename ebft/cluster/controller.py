@@ -1,0 +1,186 @@
+"""The EBFT controller: the training loop, reading as the algorithm.
+
+    for every step:
+        take the step's document chunks
+        sample n rollouts of G tokens at every block of every chunk     (rollout actors, vLLM)
+        embed the rollouts and the ground truth                         (feature workers)
+        advantages, loss and one optimizer step                         (learner)
+        push the new weights to the rollout actors                      (weight transport)
+
+With training.max_staleness = k, the rollouts of steps t+1..t+k are generated while step t trains
+(at most k + 1 steps in flight); k = 0 is synchronous on-policy EBFT. Each step's chunks are cut
+into shards; a shard is generated whole by one rollout actor with one weight version and embedded
+by one feature worker, so shards pipeline through the pools without the controller in between.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from ebft.cluster.pools import ActorPool, is_actor_failure
+from ebft.config import Config
+from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.weight_transport import NCCL, choose_transport
+
+
+@dataclass
+class Shard:
+    chunks: ChunkBatch
+    rollout_actor: int
+    feature_worker: int
+    rollout: ray.ObjectRef | None = None
+    features: ray.ObjectRef | None = None
+
+
+@dataclass
+class ScheduledStep:
+    step: int
+    shards: list[Shard]
+    resume_state: dict[str, Any]
+    """The data stream's state right after this step's chunks were drawn: where a run resumes once it trained."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict[str, float]
+    rollouts: list[RolloutBatch]
+    features: list[FeatureBatch]
+    resume_state: dict[str, Any]
+
+
+@dataclass
+class Controller:
+    config: Config
+    rollout_pool: ActorPool
+    feature_pool: ActorPool
+    learner: Any  # LearnerGroup: train_step / export_weights
+    stream: Any  # ChunkStream: next_batch / state_dict
+    step: int = 0
+    version: int = 0
+    on_step: Callable[[StepResult], None] = lambda result: None
+    trained_chunk_ids: list[int] = field(default_factory=list)
+    restarts: int = 0
+    _weights: ray.ObjectRef | None = None
+
+    def run(self, until_step: int | None = None) -> None:
+        last = self.config.training.steps if until_step is None else until_step
+        if self.version > 0:
+            self.push_weights()  # resumed: the engines start from the base weights
+        in_flight: deque[ScheduledStep] = deque()
+        next_step = self.step
+        while self.step < last:
+            while len(in_flight) <= self.config.training.max_staleness and next_step < last:
+                in_flight.append(self.schedule(next_step))
+                next_step += 1
+            work = in_flight.popleft()
+            started = time.perf_counter()
+            rollouts, features = self.collect(work)
+            waited = time.perf_counter() - started
+            metrics = self.learner.train_step(rollouts, features, self.version)
+            trained = time.perf_counter()
+            self.version += 1
+            self.push_weights()
+            metrics.update(
+                {
+                    "timing/waiting": waited,
+                    "timing/train": trained - started - waited,
+                    "timing/weight_sync": time.perf_counter() - trained,
+                    "timing/generate": sum(r.elapsed_s for r in rollouts),
+                    "timing/features": sum(f.elapsed_s for f in features),
+                    "train/staleness_max": max(self.version - 1 - r.weight_version for r in rollouts),
+                }
+            )
+            self.trained_chunk_ids.extend(cid for r in rollouts for cid in r.chunks.chunk_ids)
+            self.step += 1
+            self.on_step(StepResult(work.step, metrics, rollouts, features, work.resume_state))
+
+    # ------------------------------------------------------------------ stages
+
+    def schedule(self, step: int) -> ScheduledStep:
+        chunks = self.stream.next_batch(self.config.training.docs_per_step, step=step)
+        shards = [
+            Shard(part, rollout_actor=i % len(self.rollout_pool), feature_worker=i % len(self.feature_pool))
+            for i, part in enumerate(split_chunks(chunks, max(len(self.rollout_pool), len(self.feature_pool))))
+        ]
+        for shard in shards:
+            self.generate(shard)
+        return ScheduledStep(step, shards, self.stream.state_dict())
+
+    def generate(self, shard: Shard) -> None:
+        shard.rollout = self.rollout_pool[shard.rollout_actor].generate.remote(shard.chunks)
+        self.embed(shard)
+
+    def embed(self, shard: Shard) -> None:
+        # Passing the ObjectRef lets Ray start the features as soon as the rollouts exist.
+        shard.features = self.feature_pool[shard.feature_worker].extract.remote(shard.rollout)
+
+    def collect(self, work: ScheduledStep) -> tuple[list[RolloutBatch], list[FeatureBatch]]:
+        """Wait for a step's rollouts and features; work lost with a dead actor is redone."""
+        rollouts, features = [], []
+        for shard in work.shards:
+            while True:
+                try:
+                    rollout = ray.get(shard.rollout)
+                except Exception as error:
+                    if not is_actor_failure(error):
+                        raise
+                    self.replace_rollout_actor(shard.rollout_actor, error)
+                    self.generate(shard)
+                    continue
+                if self.version - rollout.weight_version > self.config.training.max_staleness:
+                    self.generate(shard)  # never train rollouts older than max_staleness versions
+                    continue
+                try:
+                    feature = ray.get(shard.features)
+                except Exception as error:
+                    if not is_actor_failure(error):
+                        raise
+                    self.restarts += 1
+                    self.feature_pool.restart(shard.feature_worker, error)
+                    self.embed(shard)
+                    continue
+                rollouts.append(rollout)
+                features.append(feature)
+                break
+        return rollouts, features
+
+    def push_weights(self) -> None:
+        if self.nccl:
+            self.learner.push_weights()  # a collective broadcast: every engine takes part at once
+            return
+        # Object store: one safetensors copy; each actor loads it after the generations queued before it.
+        self._weights = self.learner.export_weights()
+        updates = [actor.update_weights.remote(self._weights) for actor in self.rollout_pool]
+        if self.config.training.max_staleness == 0:
+            ray.get(updates)  # the next generation waits for them anyway
+
+    def replace_rollout_actor(self, index: int, error: Exception) -> None:
+        if not self.rollout_pool.restart(index, error):
+            return
+        self.restarts += 1
+        if self.nccl:
+            self.learner.connect_weight_receivers(list(self.rollout_pool))
+            self.learner.push_weights()
+        elif self._weights is not None:
+            self.rollout_pool[index].update_weights.remote(self._weights)
+
+    @property
+    def nccl(self) -> bool:
+        return choose_transport(self.config) == NCCL
+
+
+def split_chunks(chunks: ChunkBatch, parts: int) -> list[ChunkBatch]:
+    """Contiguous, nearly equal shards of whole chunks (no empty shard)."""
+    docs = len(chunks.chunk_ids)
+    bounds = [round(i * docs / parts) for i in range(parts + 1)]
+    return [
+        ChunkBatch(chunks.chunk_ids[a:b], chunks.tokens[a:b], chunks.step)
+        for a, b in zip(bounds, bounds[1:])
+        if b > a
+    ]

@@ -1,0 +1,124 @@
+"""What a person watching a run sees: W&B, a console progress bar, metrics.jsonl and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ebft.config import Config
+
+log = logging.getLogger(__name__)
+
+CONSOLE_METRICS = ("train/reward", "train/gt_reward", "train/ce_loss", "eval/full_ce_loss", "eval/feature_matching_loss")
+PLOTTED = (
+    "train/gt_reward",
+    "train/diversity_reward",
+    "train/policy_loss",
+    "train/ce_loss",
+    "eval/full_ce_loss",
+    "eval/feature_matching_loss",
+)
+
+
+class Monitor:
+    def __init__(self, config: Config, run_dir: Path, *, start_step: int = 0, resumed: bool = False):
+        self.config = config
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        if resumed and self.metrics_path.exists():
+            self.history = [r for r in map(json.loads, self.metrics_path.read_text().splitlines()) if r["step"] < start_step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.wandb = self._start_wandb(resumed)
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]EBFT"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("", total=config.training.steps, completed=start_step)
+        self.progress.start()
+
+    def _start_wandb(self, resumed: bool):
+        logging_config = self.config.logging
+        if logging_config.wandb_mode == "disabled":
+            return None
+        import wandb
+
+        run = wandb.init(
+            project=logging_config.project,
+            entity=logging_config.entity,
+            name=logging_config.run_name,
+            mode=logging_config.wandb_mode,
+            dir=str(self.run_dir),
+            config=self.config.model_dump(mode="json"),
+            resume="allow" if resumed else None,
+        )
+        run.define_metric("step")
+        for prefix in ("train", "eval", "timing", "perf"):
+            run.define_metric(f"{prefix}/*", step_metric="step")
+        return run
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record)
+        shown = "  ".join(
+            f"{name.split('/', 1)[1]}={record[name]:.4g}" for name in CONSOLE_METRICS if name in record
+        )
+        self.progress.update(self.task, completed=min(step + 1, self.config.training.steps), description=shown)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if self.wandb is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        self.wandb.log({"step": step, "samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+
+    def plot(self) -> Path | None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        series = {name: [(r["step"], r[name]) for r in self.history if name in r and math.isfinite(r[name])] for name in PLOTTED}
+        series = {name: points for name, points in series.items() if points}
+        if not series:
+            return None
+        fig, axes = plt.subplots(math.ceil(len(series) / 3), min(3, len(series)), figsize=(12, 3.2 * math.ceil(len(series) / 3)), squeeze=False)
+        for ax, (name, points) in zip(axes.flat, series.items()):
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(series) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = self.run_dir / "curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        self.progress.stop()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return None if self.wandb is None else str(Path(self.wandb.dir).parent)

@@ -1,0 +1,48 @@
+"""One placement group per pool, so rollout, feature and learner resources scale independently."""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+
+from ebft.config import Config, PoolResources
+
+POOLS = ("rollout", "features", "learner")
+
+
+def pool_bundles(resources: PoolResources) -> list[dict[str, float]]:
+    bundle = {"CPU": resources.cpus_per_actor}
+    if resources.gpus_per_actor:
+        bundle["GPU"] = resources.gpus_per_actor
+    return [dict(bundle) for _ in range(resources.num_actors)]
+
+
+def check_fits(config: Config) -> None:
+    """Fail before any actor starts if the pools cannot fit the cluster's resources."""
+    available = ray.cluster_resources()
+    for kind in ("CPU", "GPU"):
+        needed = sum(b.get(kind, 0.0) for pool in POOLS for b in pool_bundles(getattr(config.resources, pool)))
+        have = available.get(kind, 0.0)
+        if needed > have + 1e-9:
+            sizes = ", ".join(
+                f"{pool}: {r.num_actors} x ({r.cpus_per_actor} CPU, {r.gpus_per_actor} GPU)"
+                for pool in POOLS
+                for r in [getattr(config.resources, pool)]
+            )
+            raise RuntimeError(
+                f"the pools need {needed:g} {kind} but the Ray cluster has {have:g} ({sizes}); "
+                f"lower resources.<pool>.num_actors / cpus_per_actor / gpus_per_actor or add nodes"
+            )
+
+
+def create_placement_groups(config: Config, timeout_s: float = 120.0) -> dict[str, PlacementGroup]:
+    """{pool: placement group} with one bundle per actor; actors of a pool are packed together."""
+    check_fits(config)
+    groups = {
+        pool: placement_group(pool_bundles(getattr(config.resources, pool)), strategy="PACK", name=f"ebft-{pool}")
+        for pool in POOLS
+    }
+    ready, _ = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups), timeout=timeout_s)
+    if len(ready) < len(groups):
+        raise RuntimeError(f"placement groups were not ready within {timeout_s:.0f} s; is the cluster big enough?")
+    return groups

@@ -1,0 +1,258 @@
+"""`ebft train`: validate everything, start the pools on Ray, run the controller, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from ebft.cluster.controller import Controller, StepResult
+from ebft.cluster.monitor import Monitor
+from ebft.cluster.placement import create_placement_groups
+from ebft.cluster.pools import ActorPool
+from ebft.config import Config, ConfigError, dump_config
+from ebft.evaluation.heldout import HeldoutEvaluator
+from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
+from ebft.layout import BlockPlan
+from ebft.weight_transport import NCCL, choose_transport
+
+log = logging.getLogger(__name__)
+
+# The longest HumanEval prompt is ~650 SmolLM2 tokens.
+HUMANEVAL_MAX_PROMPT_TOKENS = 768
+
+# Environment every actor needs on a CPU machine (PLATFORM.md); harmless on GPUs.
+ACTOR_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    steps: int
+    trained_chunks: int
+    scheduled_chunks: int
+    generated_tokens: int
+    restarts: int
+    first_eval: dict[str, float]
+    last_eval: dict[str, float]
+    plot: Path | None
+    wandb_dir: str | None
+    checkpoint: Path | None
+    trained_chunk_ids: list[int]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def connect_ray(config: Config, address: str | None = None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": ACTOR_ENV}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None]:
+    from ebft.learner.checkpoint import latest_checkpoint
+
+    run_dir = Path(config.training.output_dir)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if run_dir.exists() else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}; start without --resume")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or set training.output_dir to a new folder"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    return run_dir, checkpoint
+
+
+def run(config: Config, *, resume: bool = False, address: str | None = None) -> TrainSummary:
+    from transformers import AutoTokenizer
+
+    from ebft.actors.pool import create_rollout_actor
+    from ebft.data import prepare_data
+    from ebft.features.pool import create_feature_worker
+    from ebft.learner.checkpoint import checkpoint_path
+    from ebft.learner.group import LearnerGroup
+    from ebft.models import resolve_model_path
+
+    # Everything that can be wrong with the inputs fails here, before any actor starts.
+    policy_path = resolve_model_path(config.model.policy)
+    feature_path = resolve_model_path(config.model.feature_model or config.model.policy)
+    run_dir, checkpoint = prepare_run_dir(config, resume)
+    seed_everything(config.training.seed)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
+    data = prepare_data(config.data, tokenizer)
+    stream = data.stream(seed=config.training.seed, shuffle=config.data.shuffle)
+
+    connect_ray(config, address)
+    groups = create_placement_groups(config)
+    start = _read_start(checkpoint)
+    # HumanEval prompts and completions are longer than a training chunk.
+    max_model_len = config.data.chunk_length + config.sampling.block_length
+    if config.eval.every and config.eval.humaneval_problems:
+        max_model_len = max(max_model_len, HUMANEVAL_MAX_PROMPT_TOKENS + config.eval.max_new_tokens)
+    rollout_pool = ActorPool(
+        "rollout",
+        lambda i: create_rollout_actor(
+            config, policy_path, groups["rollout"], i, max_model_len=max_model_len
+        ),
+        config.resources.rollout.num_actors,
+    )
+    feature_pool = ActorPool(
+        "features", lambda i: create_feature_worker(config, feature_path, groups["features"], i), config.resources.features.num_actors
+    )
+    learner = LearnerGroup(config, policy_path, groups["learner"])
+    if choose_transport(config) == NCCL:
+        learner.connect_weight_receivers(list(rollout_pool))
+    if checkpoint:
+        extra = learner.load_checkpoint(checkpoint)
+        stream.load_state_dict(extra["data_state"])
+        log.info("resumed from %s at step %d", checkpoint, start["step"])
+
+    monitor = Monitor(config, run_dir, start_step=start["step"], resumed=checkpoint is not None)
+    evaluator = HeldoutEvaluator(config, data.heldout_batch(config.eval.num_docs) if len(data.heldout) else None)
+    code_problems = humaneval_problems(config.eval.humaneval_problems) if evaluator.enabled else []
+    saved: list[Path] = []
+
+    def save(step: int, resume_state: dict[str, Any]) -> None:
+        path = checkpoint_path(run_dir / "checkpoints", step)
+        learner.save_checkpoint(path, {"data_state": resume_state})
+        saved.append(path)
+
+    def evaluate(step: int) -> dict[str, float]:
+        metrics = evaluator.run(
+            lambda chunks: ray.get(rollout_pool[0].generate.remote(chunks)),
+            lambda rollouts: ray.get(feature_pool[0].extract.remote(rollouts)),
+            learner.document_ce,
+        )
+        if code_problems:
+            complete = lambda prompts, **options: ray.get(rollout_pool[0].complete.remote(prompts, **options))  # noqa: E731
+            metrics.update(run_code_eval(complete, code_problems, config))
+        monitor.log(step, metrics)
+        return metrics
+
+    def on_step(result: StepResult) -> None:
+        step_number = result.step + 1
+        metrics = {**result.metrics, **throughput(config, result)}
+        monitor.log(result.step, metrics)
+        if step_number % config.logging.samples_every == 0:
+            monitor.log_samples(result.step, sample_rows(config, tokenizer, result))
+        if config.eval.every and step_number % config.eval.every == 0 and step_number < config.training.steps:
+            evals.append(evaluate(step_number))
+        if config.checkpoint.every and step_number % config.checkpoint.every == 0 and step_number < config.training.steps:
+            save(step_number, result.resume_state)
+        controller.last_resume_state = result.resume_state
+
+    evals: list[dict[str, float]] = []
+    controller = Controller(
+        config, rollout_pool, feature_pool, learner, stream, step=start["step"], version=start["version"], on_step=on_step
+    )
+    controller.last_resume_state = stream.state_dict()
+    try:
+        if evaluator.enabled and start["step"] == 0:
+            evals.append(evaluate(0))
+        controller.run()
+        if evaluator.enabled:
+            evals.append(evaluate(config.training.steps))
+        save(config.training.steps, controller.last_resume_state)
+    finally:
+        monitor.close()
+        plot = monitor.plot()
+        learner.shutdown()
+        rollout_pool.shutdown()
+        feature_pool.shutdown()
+        for group in groups.values():
+            ray.util.remove_placement_group(group)
+
+    return TrainSummary(
+        run_dir=run_dir,
+        steps=controller.step,
+        trained_chunks=len(controller.trained_chunk_ids),
+        scheduled_chunks=(controller.step - start["step"]) * config.training.docs_per_step,
+        generated_tokens=len(controller.trained_chunk_ids) * config.num_blocks * config.sampling.block_length * config.sampling.num_samples,
+        restarts=controller.restarts,
+        first_eval=evals[0] if evals else {},
+        last_eval=evals[-1] if evals else {},
+        plot=plot,
+        wandb_dir=monitor.wandb_dir,
+        checkpoint=saved[-1] if saved else None,
+        trained_chunk_ids=controller.trained_chunk_ids,
+    )
+
+
+def _read_start(checkpoint: Path | None) -> dict[str, int]:
+    if checkpoint is None:
+        return {"step": 0, "version": 0}
+    from ebft.learner.checkpoint import read_trainer_state
+
+    state = read_trainer_state(checkpoint)
+    return {"step": int(state["step"]), "version": int(state["weight_version"])}
+
+
+def throughput(config: Config, result: StepResult) -> dict[str, float]:
+    docs = sum(len(r.chunks.chunk_ids) for r in result.rollouts)
+    s = config.sampling
+    generated = docs * s.num_samples * config.num_blocks * s.block_length
+    m = result.metrics
+    step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
+    return {
+        "perf/generated_tokens_per_s": generated / max(m["timing/generate"], 1e-9),
+        "perf/features_per_s": docs * s.num_samples * config.num_blocks / max(m["timing/features"], 1e-9),
+        "perf/trained_tokens_per_s": (generated + docs * config.data.chunk_length * s.num_samples) / max(m["timing/train"], 1e-9),
+        "perf/step_time_s": step_time,
+    }
+
+
+def sample_rows(config: Config, tokenizer, result: StepResult, blocks: int = 4) -> list[dict[str, Any]]:
+    """(prefix tail, rollout, ground truth, reward) of a few blocks of the step's first document."""
+    from ebft.learner.rewards import compute_rewards
+
+    plan = BlockPlan.from_config(config)
+    rollout, features = result.rollouts[0], result.features[0]
+    rewards = compute_rewards(
+        features.rollout_features[0].transpose(0, 1),  # [NB, n, D]
+        features.gt_features[0],
+        alignment_coef=config.reward.alignment_coef,
+        diversity_coef=config.reward.diversity_coef,
+        whitening=config.reward.whitening,
+        tol=config.reward.tol,
+    ).rewards
+    doc = rollout.chunks.tokens[0]
+    rows = []
+    for k in np.linspace(0, plan.num_blocks - 1, num=min(blocks, plan.num_blocks)).round().astype(int).tolist():
+        prefix_end = int(plan.prefix_lengths[k])
+        rows.append(
+            {
+                "step": result.step,
+                "block": k,
+                "prefix": tokenizer.decode(doc[max(0, prefix_end - 64) : prefix_end]),
+                "rollout": tokenizer.decode(rollout.tokens[0, 0, k]),
+                "ground_truth": tokenizer.decode(doc[prefix_end : prefix_end + plan.block_length]),
+                "reward": float(rewards[k, 0]),
+            }
+        )
+    return rows

