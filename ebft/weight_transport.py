@@ -262,10 +262,14 @@ class NcclWeightSender(WeightSender):
         info = nccl_update_info(named)
         # Receivers must be inside update_weights while rank 0 broadcasts (both rendezvous in NCCL).
         futures = [receiver.receive_weight_broadcast.remote(info, version) for receiver in self.receivers]
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
             reported = pool.submit(self.wait, futures)
             self._broadcast(named)
             return self._check_applied(reported.result(), version)
+        finally:
+            # If the broadcast failed, the receivers stay blocked in NCCL: joining would hang.
+            pool.shutdown(wait=False)
 
     def _broadcast(self, named: list[tuple[str, torch.Tensor]]) -> None:
         if self.packed:

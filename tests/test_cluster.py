@@ -121,3 +121,43 @@ def test_killed_rollout_actor_is_replaced_and_nothing_is_lost(local_ray, tiny_mo
     assert summary.restarts >= 1
     assert summary.trained_chunks == summary.scheduled_chunks == 10
     assert sorted(summary.trained_chunk_ids) == list(range(10))
+
+
+def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny_model_with_tokenizer, tmp_path):
+    """The controller with k = 0 against the algorithm written out step by step with the same pieces."""
+    from ebft.actors.pool import create_rollout_actor
+    from ebft.data import prepare_data
+    from ebft.features.pool import create_feature_worker
+    from ebft.learner.group import LearnerGroup
+    from ebft.weight_transport import update_to_state_dict
+    from transformers import AutoTokenizer
+
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"max_staleness": 0, "steps": 3})
+    summary = run(config)
+
+    data = prepare_data(config.data, AutoTokenizer.from_pretrained(tiny_model_with_tokenizer), progress=False)
+    stream = data.stream(seed=config.training.seed, shuffle=config.data.shuffle)
+    actor = create_rollout_actor(config, str(tiny_model_with_tokenizer))
+    worker = create_feature_worker(config, str(tiny_model_with_tokenizer))
+    learner = LearnerGroup(config, str(tiny_model_with_tokenizer))
+    try:
+        by_hand = {}
+        for step in range(3):
+            chunks = stream.next_batch(config.training.docs_per_step, step=step)
+            rollouts = ray.get(actor.generate.remote(chunks))
+            features = ray.get(worker.extract.remote(rollouts))
+            by_hand[step] = learner.train_step([rollouts], [features], step)
+            assert ray.get(actor.update_weights.remote(learner.export_weights())) == step + 1
+        weights = update_to_state_dict(ray.get(learner.export_weights()))
+    finally:
+        learner.shutdown()
+        ray.kill(actor)
+        ray.kill(worker)
+
+    rows = train_rows(summary.run_dir)
+    for step in range(3):
+        for key in ("train/policy_loss", "train/ce_loss", "train/gt_reward", "train/diversity_reward", "train/grad_norm"):
+            assert rows[step][key] == pytest.approx(by_hand[step][key], rel=1e-5, abs=1e-7), (step, key)
+    pipeline = final_weights(summary)
+    for name, value in weights.items():
+        torch.testing.assert_close(pipeline[name], value, atol=1e-6, rtol=1e-5, msg=name)

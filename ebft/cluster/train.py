@@ -37,6 +37,11 @@ ACTOR_ENV = {
     "DO_NOT_TRACK": "1",
     "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"),
     "TOKENIZERS_PARALLELISM": "false",
+    # Keep the console readable: the actors' logs are streamed to the driver.
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
 }
 
 

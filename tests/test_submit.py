@@ -1,0 +1,64 @@
+"""`ebft submit` of a tiny job to a Ray head started on 127.0.0.1: the job must end SUCCEEDED."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ebft.cluster.submit import submit
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(monkeypatch):
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(
+        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )
+    # The head may require token authentication; the client then must ask for it.
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "token"))
+    yield f"http://127.0.0.1:{dashboard}"
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_submitted_tiny_job_succeeds(ray_head, tiny_model_with_tokenizer, tmp_path, capsys):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    config = {
+        "model": {"policy": str(tiny_model_with_tokenizer), "dtype": "float32"},
+        "data": {"sources": [{"path": "python_stdlib"}], "chunk_length": 32, "max_examples": 8, "heldout_fraction": 0.0},
+        "sampling": {"context_length": 4, "stride": 4, "block_length": 4, "num_samples": 4},
+        "resources": {pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features", "learner")},
+        "rollout": {"kv_cache_gib": 0.125},
+        "learner": {"zero_stage": 1, "gradient_checkpointing": False},
+        "training": {"docs_per_step": 2, "steps": 2, "max_staleness": 1, "output_dir": str(tmp_path / "run")},
+        "logging": {"wandb_mode": "disabled"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    job_id = submit(str(path), ["training.steps=2"], address=ray_head)
+    client = JobSubmissionClient(ray_head)
+    deadline = time.time() + 600
+    while time.time() < deadline and client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        time.sleep(2)
+    status = client.get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-4000:]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("train/policy_loss") == 2
