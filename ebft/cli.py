@@ -1,40 +1,18 @@
 """The `ebft` command line: prepare models, train, submit to a Ray cluster, evaluate.
 
-Each subcommand imports its implementation only when it runs, so `ebft --help` stays fast and a
-subcommand whose module is not written yet reports that instead of breaking the others.
+Each subcommand imports its implementation only when it runs, so `ebft --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from ebft.config import ConfigError
 
 EXIT_USAGE = 2
-
-
-class NotImplementedYet(Exception):
-    """The subcommand's implementation module or function does not exist yet."""
-
-
-def _implementation(module_name: str, function_name: str) -> Callable[..., Any]:
-    """Import `module_name.function_name` lazily; a missing module/function means "not implemented yet"."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        # Only the implementation itself being absent counts; a missing dependency inside it is a real error.
-        if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
-            raise NotImplementedYet(f"{module_name} does not exist yet") from None
-        raise
-    function = getattr(module, function_name, None)
-    if function is None:
-        raise NotImplementedYet(f"{module_name}.{function_name} does not exist yet")
-    return function
 
 
 def _load_config(args: argparse.Namespace):
@@ -56,17 +34,17 @@ def _models_prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    run = _implementation("ebft.cluster.train", "run")
-    summary = run(config, resume=args.resume)
     from ebft.cluster.report import print_summary
+    from ebft.cluster.train import run
 
-    print_summary(summary)
+    print_summary(run(config, resume=args.resume))
     return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
-    submit = _implementation("ebft.cluster.submit", "main_submit")
-    return submit(args.config, args.overrides, address=args.address, resume=args.resume)
+    from ebft.cluster.submit import main_submit
+
+    return main_submit(args.config, args.overrides, address=args.address, resume=args.resume)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -76,7 +54,8 @@ def _eval(args: argparse.Namespace) -> int:
     if model_or_checkpoint is None:
         raise ConfigError("ebft eval needs MODEL_OR_CHECKPOINT: a checkpoint, model or run folder, or `smollm2`")
     config = load_config(args.config, [*args.overrides, *args.overrides_after_config])
-    run = _implementation("ebft.evaluation.cli", "run")
+    from ebft.evaluation.cli import run
+
     run(model_or_checkpoint, config, output=args.output)
     return 0
 
@@ -174,9 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as error:
         print(f"ebft: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except NotImplementedYet as error:
-        print(f"ebft {args.command}: not implemented yet ({error})", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import uuid
@@ -12,7 +13,8 @@ from ebft.config import dump_config, load_config
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped to the cluster: environments, run outputs, caches.
 JOBS_DIR = ".ebft-jobs"
-EXCLUDES = [".venv", ".git", "runs", "wandb", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+EXCLUDES = [".venv", ".git", "runs", "wandb", "**/__pycache__", ".pytest_cache", "*.egg-info", "build"]
+IGNORE_GITIGNORE = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
 
 
 def job_entrypoint(config_in_project: str, resume: bool, python: str) -> str:
@@ -41,11 +43,20 @@ def submit(
     # On homogeneous nodes the submitting interpreter's path is valid on the head; a bare `python`
     # would be whatever the node's PATH finds first.
     entrypoint = job_entrypoint(str(frozen.relative_to(project_root)), resume, python or sys.executable)
-    return client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(project_root), "excludes": EXCLUDES},
-        metadata={"ebft_config": str(config_path)},
-    )
+    # Ray leaves out what .gitignore names, the frozen config included; EXCLUDES lists what must stay out.
+    previous = os.environ.get(IGNORE_GITIGNORE)
+    os.environ[IGNORE_GITIGNORE] = "1"
+    try:
+        return client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(project_root), "excludes": EXCLUDES},
+            metadata={"ebft_config": str(config_path)},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(IGNORE_GITIGNORE)
+        else:
+            os.environ[IGNORE_GITIGNORE] = previous
 
 
 def main_submit(config_path: str, overrides: list[str], *, address: str, resume: bool = False) -> int:
