@@ -99,17 +99,11 @@ def reference_pack(doc: torch.Tensor, rollout: torch.Tensor):
     return torch.tensor(tokens), mask, torch.tensor(positions), where
 
 
-def reference_logprobs(model, doc, rollout, temperature, excluded_token=None):
-    """(log pi of every generated token [NB, G], doc token-mean NLL) of one (document, sample), float64.
-
-    excluded_token: renormalize without it, as vLLM does for EOS while min_tokens is not reached.
-    """
+def reference_logprobs(model, doc, rollout, temperature):
+    """(log pi of every generated token [NB, G], doc token-mean NLL) of one (document, sample), float64."""
     tokens, mask, positions, where = reference_pack(doc, rollout)
     logits = model(input_ids=tokens[None], attention_mask=mask[None, None], position_ids=positions[None]).logits[0]
-    scaled = logits / temperature
-    if excluded_token is not None:
-        scaled = scaled.index_fill(-1, torch.tensor([excluded_token]), float("-inf"))
-    logp = torch.log_softmax(scaled, dim=-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     gen = torch.stack([torch.stack([logp[where[k, t][1], tokens[where[k, t][0]]] for t in range(G)]) for k in range(NB)])
     doc_logp = torch.log_softmax(logits[: T - 1], dim=-1)
     nll = -doc_logp.gather(-1, doc[1:, None]).mean()
@@ -410,12 +404,11 @@ def test_checkpoint_and_weight_updates_load_into_a_rollout_worker(vllm_tiny_tied
         chunks = ChunkBatch([0, 1], first[0].chunks.tokens[:2], step=0)
 
         def learner_logprobs(rollouts: RolloutBatch) -> torch.Tensor:
-            # vLLM samples G tokens with min_tokens = G: EOS (id 2) is masked out of its distribution.
             with torch.no_grad():
                 model = float64_model(vllm_tiny_tied_model_dir, learner.export_weights().safetensors)
                 return torch.stack(
                     [
-                        torch.stack([reference_logprobs(model, chunks.tokens[i], rollouts.tokens[i, j], 0.7, excluded_token=2)[0] for j in range(N_SAMPLES)])
+                        torch.stack([reference_logprobs(model, chunks.tokens[i], rollouts.tokens[i, j], 0.7)[0] for j in range(N_SAMPLES)])
                         for i in range(2)
                     ]
                 )
@@ -454,7 +447,7 @@ def test_group_pushes_weights_from_rank_0_to_rollout_actors(vllm_tiny_tied_model
         assert sampled.weight_version == 1
         model = float64_model(vllm_tiny_tied_model_dir, weights)
         with torch.no_grad():
-            expected = torch.stack([reference_logprobs(model, chunks.tokens[0], sampled.tokens[0, j], 0.7, excluded_token=2)[0] for j in range(N_SAMPLES)])
+            expected = torch.stack([reference_logprobs(model, chunks.tokens[0], sampled.tokens[0, j], 0.7)[0] for j in range(N_SAMPLES)])
         torch.testing.assert_close(sampled.behavior_logprobs[0].double(), expected, atol=2e-5, rtol=0)
     finally:
         ray_cluster.kill(actor)

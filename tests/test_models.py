@@ -106,16 +106,17 @@ def test_bad_model_names_raise_config_errors(tmp_path, monkeypatch, name, messag
 
 
 @pytest.mark.slow
-def test_real_smollm2_conversion_loads_and_answers(tmp_path):
+def test_real_smollm2_conversion_loads_and_answers():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = prepare_smollm2(tmp_path, progress=False)
+    # The shared cache the other tests and the demo use: converted here on a fresh machine, reused after.
+    path = models.smollm2_path()
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
 
     started = time.perf_counter()
-    assert prepare_smollm2(tmp_path, progress=False) == path
+    assert prepare_smollm2(progress=False) == path
     assert time.perf_counter() - started < 1.0
 
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -66,39 +67,42 @@ class Controller:
     on_step: Callable[[StepResult], None] = lambda result: None
     trained_chunk_ids: list[int] = field(default_factory=list)
     restarts: int = 0
+    resume_state: dict[str, Any] | None = None
+    """The data position after the last trained step: what a checkpoint saves."""
     _weights: ray.ObjectRef | None = None
 
-    def run(self, until_step: int | None = None) -> None:
-        last = self.config.training.steps if until_step is None else until_step
+    def run(self) -> None:
+        last = self.config.training.steps
+        if self.resume_state is None:
+            self.resume_state = self.stream.state_dict()
         if self.version > 0:
             self.push_weights()  # resumed: the engines start from the base weights
         in_flight: deque[ScheduledStep] = deque()
         next_step = self.step
         while self.step < last:
             while len(in_flight) <= self.config.training.max_staleness and next_step < last:
-                in_flight.append(self.schedule(next_step))
+                in_flight.append(self.schedule(next_step))  # generation starts now, features follow
                 next_step += 1
             work = in_flight.popleft()
-            started = time.perf_counter()
-            rollouts, features = self.collect(work)
-            waited = time.perf_counter() - started
-            metrics = self.learner.train_step(rollouts, features, self.version)
-            trained = time.perf_counter()
+            timings: dict[str, float] = {}
+            with timed(timings, "waiting"):
+                rollouts, features = self.collect(work)
+            with timed(timings, "train"):
+                metrics = self.learner.train_step(rollouts, features, self.version)
             self.version += 1
-            self.push_weights()
-            metrics.update(
-                {
-                    "timing/waiting": waited,
-                    "timing/train": trained - started - waited,
-                    "timing/weight_sync": time.perf_counter() - trained,
-                    "timing/generate": sum(r.elapsed_s for r in rollouts),
-                    "timing/features": sum(f.elapsed_s for f in features),
-                    "train/staleness_max": max(self.version - 1 - r.weight_version for r in rollouts),
-                }
-            )
-            self.trained_chunk_ids.extend(cid for r in rollouts for cid in r.chunks.chunk_ids)
-            self.step += 1
-            self.on_step(StepResult(work.step, metrics, rollouts, features, work.resume_state))
+            with timed(timings, "weight_sync"):
+                self.push_weights()
+            self.finish_step(work, rollouts, features, metrics, timings)
+
+    def finish_step(self, work, rollouts, features, metrics, timings) -> None:
+        metrics.update({f"timing/{phase}": seconds for phase, seconds in timings.items()})
+        metrics["timing/generate"] = sum(r.elapsed_s for r in rollouts)
+        metrics["timing/features"] = sum(f.elapsed_s for f in features)
+        metrics["train/staleness_max"] = max(self.version - 1 - r.weight_version for r in rollouts)
+        self.trained_chunk_ids.extend(cid for r in rollouts for cid in r.chunks.chunk_ids)
+        self.step += 1
+        self.resume_state = work.resume_state
+        self.on_step(StepResult(work.step, metrics, rollouts, features, work.resume_state))
 
     # ------------------------------------------------------------------ stages
 
@@ -173,6 +177,13 @@ class Controller:
     @property
     def nccl(self) -> bool:
         return choose_transport(self.config) == NCCL
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str):
+    started = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - started
 
 
 def split_chunks(chunks: ChunkBatch, parts: int) -> list[ChunkBatch]:

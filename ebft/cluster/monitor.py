@@ -23,6 +23,7 @@ PLOTTED = (
     "train/ce_loss",
     "eval/full_ce_loss",
     "eval/feature_matching_loss",
+    "eval/humaneval/pass@1",
 )
 
 

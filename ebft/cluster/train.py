@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,20 +169,18 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
             evals.append(evaluate(step_number))
         if config.checkpoint.every and step_number % config.checkpoint.every == 0 and step_number < config.training.steps:
             save(step_number, result.resume_state)
-        controller.last_resume_state = result.resume_state
 
     evals: list[dict[str, float]] = []
     controller = Controller(
         config, rollout_pool, feature_pool, learner, stream, step=start["step"], version=start["version"], on_step=on_step
     )
-    controller.last_resume_state = stream.state_dict()
     try:
         if evaluator.enabled and start["step"] == 0:
             evals.append(evaluate(0))
         controller.run()
         if evaluator.enabled:
             evals.append(evaluate(config.training.steps))
-        save(config.training.steps, controller.last_resume_state)
+        save(config.training.steps, controller.resume_state)
     finally:
         monitor.close()
         plot = monitor.plot()
