@@ -47,6 +47,17 @@ def make_tiny_llama(directory, *, tie_word_embeddings: bool = False, seed: int =
     return directory
 
 
+@torch.inference_mode()
+def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy continuation by plain transformers forwards: the reference for engine greedy output."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+        if tokens[-1] == model.config.eos_token_id:
+            break
+    return tokens[len(prompt) :]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -17,7 +17,7 @@ from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch
 from ebft.weight_transport import ObjectStoreWeightSender, state_dict_to_update
 
-from conftest import TINY_VOCAB, make_tiny_llama
+from conftest import TINY_VOCAB, make_tiny_llama, transformers_greedy
 
 T, G, N, TEMPERATURE = 64, 8, 4, 0.6
 
@@ -82,16 +82,6 @@ def transformers_logprobs(model, plan: BlockPlan, rollouts) -> torch.Tensor:
         picked = logits.log_softmax(-1).gather(-1, tokens.flatten(0, 1)[..., None]).squeeze(-1)
         out[:, :, block] = picked.view(num_docs, n, -1)
     return out
-
-
-@torch.inference_mode()
-def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-        if tokens[-1] == model.config.eos_token_id:
-            break
-    return tokens[len(prompt) :]
 
 
 def test_block_seeds_are_stable_and_distinct():

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from conftest import transformers_greedy
 from ebft.config import build_config
 from ebft.weight_transport import (
     NCCL,
@@ -214,16 +215,6 @@ def test_broadcast_receiver_pauses_updates_finishes_with_the_version_then_resume
 
 
 # ----------------------------------------------------------------------------- a real model with tied embeddings
-
-
-@torch.inference_mode()
-def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-        if tokens[-1] == model.config.eos_token_id:
-            break
-    return tokens[len(prompt) :]
 
 
 @pytest.mark.slow
