@@ -36,6 +36,8 @@ class Shard:
     feature_worker: int
     rollout: ray.ObjectRef | None = None
     features: ray.ObjectRef | None = None
+    rollout_handle: Any = None  # the actors the refs were submitted to: a failure replaces only these
+    feature_handle: Any = None
 
 
 @dataclass
@@ -117,12 +119,14 @@ class Controller:
         return ScheduledStep(step, shards, self.stream.state_dict())
 
     def generate(self, shard: Shard) -> None:
-        shard.rollout = self.rollout_pool[shard.rollout_actor].generate.remote(shard.chunks)
+        shard.rollout_handle = self.rollout_pool[shard.rollout_actor]
+        shard.rollout = shard.rollout_handle.generate.remote(shard.chunks)
         self.embed(shard)
 
     def embed(self, shard: Shard) -> None:
         # Passing the ObjectRef lets Ray start the features as soon as the rollouts exist.
-        shard.features = self.feature_pool[shard.feature_worker].extract.remote(shard.rollout)
+        shard.feature_handle = self.feature_pool[shard.feature_worker]
+        shard.features = shard.feature_handle.extract.remote(shard.rollout)
 
     def collect(self, work: ScheduledStep) -> tuple[list[RolloutBatch], list[FeatureBatch]]:
         """Wait for a step's rollouts and features; work lost with a dead actor is redone."""
@@ -134,7 +138,7 @@ class Controller:
                 except Exception as error:
                     if not is_actor_failure(error):
                         raise
-                    self.replace_rollout_actor(shard.rollout_actor, error)
+                    self.replace_rollout_actor(shard, error)
                     self.generate(shard)
                     continue
                 if self.version - rollout.weight_version > self.config.training.max_staleness:
@@ -145,8 +149,8 @@ class Controller:
                 except Exception as error:
                     if not is_actor_failure(error):
                         raise
-                    self.restarts += 1
-                    self.feature_pool.restart(shard.feature_worker, error)
+                    if self.feature_pool.replace(shard.feature_worker, shard.feature_handle, error):
+                        self.restarts += 1
                     self.embed(shard)
                     continue
                 rollouts.append(rollout)
@@ -164,8 +168,9 @@ class Controller:
         if self.config.training.max_staleness == 0:
             ray.get(updates)  # the next generation waits for them anyway
 
-    def replace_rollout_actor(self, index: int, error: Exception) -> None:
-        if not self.rollout_pool.restart(index, error):
+    def replace_rollout_actor(self, shard: Shard, error: Exception) -> None:
+        index = shard.rollout_actor
+        if not self.rollout_pool.replace(index, shard.rollout_handle, error):
             return
         self.restarts += 1
         if self.nccl:

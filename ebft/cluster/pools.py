@@ -36,17 +36,16 @@ class ActorPool:
     def __iter__(self):
         return iter(self.actors)
 
-    def restart(self, index: int, error: BaseException) -> bool:
-        """Replace actor `index` if it is really dead; False if it was already replaced or is alive."""
-        actor = self.actors[index]
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=30)
-            return False  # alive: the failure was a sibling's (e.g. a replaced actor's stale ref)
-        except Exception:
-            pass
+    def replace(self, index: int, failed: Any, error: BaseException) -> bool:
+        """Replace actor `index` if it is still the `failed` handle; False if it was replaced already.
+
+        Comparing handles (not pinging) never mistakes a busy actor for a dead one.
+        """
+        if self.actors[index] is not failed:
+            return False
         log.warning("%s actor %d died (%s); starting a replacement", self.name, index, type(error).__name__)
         try:
-            ray.kill(actor, no_restart=True)
+            ray.kill(failed, no_restart=True)
         except Exception:
             pass
         self.actors[index] = self.create(index)
