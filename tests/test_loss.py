@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ebft.layout import BlockPlan
+from ebft.learner import loss as loss_module
 from ebft.learner.loss import document_ce, ebft_loss, generated_logprobs
 
 
@@ -36,6 +37,36 @@ def test_generated_logprobs_and_ce_match_separate_forwards(tiny_model_dir):
                 for t in range(4):
                     want = torch.log_softmax(ref_logits[len(prefix) - 1 + t], -1)[rollouts[b, k, t]]
                     assert abs(got[b, k, t].item() - want.item()) < 1e-5
+
+
+def test_sliced_logprobs_keep_no_float_copy_of_the_logits_and_give_the_float64_gradient(monkeypatch):
+    monkeypatch.setattr(loss_module, "LOGPROB_SLICE", 5)  # several slices, the last one short
+    plan = BlockPlan(chunk_length=24, context_length=4, stride=4, block_length=4)
+    torch.manual_seed(2)
+    B, V = 3, 50
+    packed = plan.pack(torch.randint(0, V, (B, 24)), torch.randint(0, V, (B, plan.num_blocks, 4)))
+    logits = torch.randn(B, plan.packed_length, V, requires_grad=True)
+    weights = torch.randn(B, plan.num_blocks, 4, dtype=torch.float64)
+
+    saved = []  # tensors autograd keeps for backward, other than the logits themselves
+    keep = lambda t: saved.append(t.nbytes) if t.untyped_storage().data_ptr() != logits.data_ptr() else None  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: keep(t) or t, lambda t: t):
+        got = generated_logprobs(logits, packed, plan, 0.7)
+        got_ce = document_ce(logits, packed[:, :24])
+    # Far less than one float32 [B, positions, V] copy (or log-softmax) of the logits.
+    assert sum(saved) < B * 8 * V * 4
+    ((got.double() * weights).sum() + got_ce.double().sum()).backward()
+
+    reference = logits.detach().double().requires_grad_()
+    predicted = torch.log_softmax(reference[:, plan.predictor_indices] / 0.7, -1)  # [B, NB, G, V]
+    want = predicted.gather(-1, packed[:, plan.generated_indices].unsqueeze(-1)).squeeze(-1)
+    want_ce = torch.stack(
+        [-torch.log_softmax(reference[b, :23], -1)[torch.arange(23), packed[b, 1:24]].mean() for b in range(B)]
+    )
+    ((want * weights).sum() + want_ce.sum()).backward()
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_ce.double(), want_ce, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits.grad.double(), reference.grad, atol=1e-6, rtol=0)
 
 
 def reference_policy_loss(logprobs, advantages, behavior, stale, cap):

@@ -13,24 +13,52 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ebft.layout import BlockPlan
 
 
+# Positions per slice of the float32 log-softmax: [B, 256, V] at a time, never [B, S, V].
+LOGPROB_SLICE = 256
+
+
+def _slice_logprobs(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = logits[:, positions].float() / temperature
+    return torch.log_softmax(scaled, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(logits[:, positions] / temperature)[targets] in float32: [B, S, V] -> [B, P].
+
+    Computed LOGPROB_SLICE positions at a time. With autograd on, each slice is recomputed in the
+    backward pass instead of kept: only the model's own logits stay alive, not a float32 copy and a
+    float32 log-softmax of them (at Qwen2.5 scale, T = 1024, ~2 GB per sequence).
+    """
+    positions = positions.to(logits.device)
+    targets = targets.to(logits.device)
+    parts = []
+    for start in range(0, positions.numel(), LOGPROB_SLICE):
+        where, what = positions[start : start + LOGPROB_SLICE], targets[:, start : start + LOGPROB_SLICE]
+        if logits.requires_grad:
+            parts.append(checkpoint(_slice_logprobs, logits, where, what, temperature, use_reentrant=False))
+        else:
+            parts.append(_slice_logprobs(logits, where, what, temperature))
+    return torch.cat(parts, dim=1)
+
+
 def generated_logprobs(logits: torch.Tensor, packed_tokens: torch.Tensor, plan: BlockPlan, temperature: float) -> torch.Tensor:
     """logits [B, S, V] of a packed forward, tokens [B, S] -> log pi(token) [B, NB, G] at logits / temperature."""
-    predictors = logits[:, plan.predictor_indices.flatten().to(logits.device)].float() / temperature
     targets = packed_tokens[:, plan.generated_indices.flatten().to(packed_tokens.device)]
-    logp = torch.log_softmax(predictors, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = token_logprobs(logits, plan.predictor_indices.flatten(), targets, temperature)
     return logp.unflatten(1, plan.generated_indices.shape)
 
 
 def document_ce(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     """Token-mean NLL [B] of doc tokens 1..T-1 from the doc part of the logits [B, >=T, V]."""
     T = docs.shape[-1]
-    nll = F.cross_entropy(logits[:, : T - 1].float().transpose(1, 2), docs[:, 1:], reduction="none")
-    return nll.mean(-1)
+    return -token_logprobs(logits, torch.arange(T - 1), docs[:, 1:]).mean(-1)
 
 
 @dataclass
