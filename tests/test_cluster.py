@@ -13,7 +13,7 @@ import ray
 import safetensors.torch
 import torch
 
-from ebft.cluster.train import ACTOR_ENV, run
+from ebft.cluster.train import JOB_ENV, run
 from ebft.config import build_config
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV}, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": JOB_ENV}, log_to_driver=False)
     yield
     ray.shutdown()
 

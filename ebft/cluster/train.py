@@ -28,13 +28,9 @@ log = logging.getLogger(__name__)
 # The longest HumanEval prompt is ~650 SmolLM2 tokens.
 HUMANEVAL_MAX_PROMPT_TOKENS = 768
 
-# Environment every actor needs on a CPU machine (PLATFORM.md); harmless on GPUs.
-ACTOR_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda"),
+# Environment of every process of the job. What one pool needs lives with it (the vLLM engine's in
+# ebft.actors.pool; DeepSpeed picks its accelerator on each learner's own node).
+JOB_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # Keep the console readable: the actors' logs are streamed to the driver.
     "VLLM_LOGGING_LEVEL": "WARNING",
@@ -70,7 +66,7 @@ def connect_ray(config: Config, address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": ACTOR_ENV}
+    env = {"env_vars": JOB_ENV}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
