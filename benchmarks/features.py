@@ -32,7 +32,7 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ebft.config import build_config
-from ebft.features.pool import FeaturePool, create_feature_workers
+from ebft.features.pool import create_feature_workers
 from ebft.features.pooling import feature_layer_indices, token_features
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch
@@ -94,13 +94,14 @@ def pickled_bytes(obj) -> int:
     return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def best_seconds(pools: list[FeaturePool], batch: RolloutBatch, repeats: int) -> list[float]:
-    """Best-of-`repeats` seconds per batch for each pool, runs interleaved so load drift hits all alike."""
-    best = [float("inf")] * len(pools)
+def best_seconds(setups: list[list[tuple]], repeats: int) -> list[float]:
+    """Best-of-`repeats` seconds of each setup, a list of (worker, batch) run concurrently; runs interleaved
+    so load drift hits all alike."""
+    best = [float("inf")] * len(setups)
     for _ in range(repeats):
-        for index, pool in enumerate(pools):
+        for index, setup in enumerate(setups):
             start = time.perf_counter()
-            pool.extract(batch)
+            ray.get([worker.extract.remote(batch) for worker, batch in setup])
             best[index] = min(best[index], time.perf_counter() - start)
     return best
 
@@ -140,12 +141,11 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             workers = create_feature_workers(config, model_dir)
-            pool_of_two, pool_of_one = FeaturePool(workers), FeaturePool(workers[:1])
-            feature_dim = pool_of_two.wait_ready(timeout=300)
-            pool_of_two.extract(make_batch(config, 2, seed=1))  # warm up both workers
+            feature_dim = ray.get(workers[0].feature_dim.remote(), timeout=300)
+            ray.get([worker.extract.remote(make_batch(config, 2, seed=1)) for worker in workers])  # warm up
 
             size_batch = make_batch(config, 2, seed=2)
-            pooled = pool_of_one.extract(size_batch)
+            pooled = ray.get(workers[0].extract.remote(size_batch))
             pooled_per_doc = pickled_bytes(pooled) / 2
             start = time.perf_counter()
             per_token = per_token_features(model_dir, config, size_batch)
@@ -154,8 +154,10 @@ def main() -> None:
             del per_token
             ratio = per_token_per_doc / pooled_per_doc
 
-            batch = make_batch(config, args.docs, seed=3)
-            seconds_one, seconds_two = best_seconds([pool_of_one, pool_of_two], batch, args.repeats)
+            # args.docs documents on one worker, or half of them on each of two workers at once (as the controller shards).
+            half = args.docs // 2
+            whole, first, second = (make_batch(config, count, seed=3 + i) for i, count in enumerate([args.docs, half, args.docs - half]))
+            seconds_one, seconds_two = best_seconds([[(workers[0], whole)], [(workers[0], first), (workers[1], second)]], args.repeats)
         finally:
             ray.shutdown()
 

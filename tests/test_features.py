@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from ebft.config import build_config
 from ebft.features.extractor import FeatureExtractor
-from ebft.features.pool import FeaturePool, create_feature_workers
+from ebft.features.pool import create_feature_workers
 from ebft.features.pooling import feature_layer_indices, pool_blocks, token_features
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch
@@ -154,23 +154,27 @@ def ray_cluster():
     ray.shutdown()
 
 
+def documents(batch, start, stop):
+    chunks = ChunkBatch(batch.chunks.chunk_ids[start:stop], batch.chunks.tokens[start:stop], batch.chunks.step)
+    return RolloutBatch(chunks, batch.tokens[start:stop], batch.behavior_logprobs[start:stop], batch.weight_version)
+
+
 @pytest.mark.slow
-def test_a_pool_of_two_workers_returns_the_same_features_as_one(ray_cluster, tiny_model_dir):
+def test_two_workers_on_two_shards_return_the_features_of_one_worker_on_the_whole_batch(ray_cluster, tiny_model_dir):
     config = make_config("resources.features.num_actors=2", "resources.features.cpus_per_actor=0.5")
     workers = create_feature_workers(config, tiny_model_dir)
-    pool_of_two, pool_of_one = FeaturePool(workers), FeaturePool(workers[:1])
-    assert pool_of_two.wait_ready(timeout=120) == 3 * 64
+    assert ray.get([worker.feature_dim.remote() for worker in workers], timeout=120) == [3 * 64, 3 * 64]
 
     batch = make_batch(num_docs=3, seed=4, chunk_ids=[30, 10, 20])
-    pending = pool_of_two.submit(batch)
-    assert len(pending.refs) == 2  # the documents were split across both workers
-    from_two = pending.result(timeout=120)
-    from_one = pool_of_one.extract(batch)
+    # As the controller shards a step: shard i to worker i mod N, the rollouts passed by reference.
+    shards = [workers[0].extract.remote(ray.put(documents(batch, 0, 2))), workers[1].extract.remote(documents(batch, 2, 3))]
+    whole = ray.get(workers[0].extract.remote(batch), timeout=120)
+    first, second = ray.get(shards, timeout=120)
     local = FeatureExtractor(tiny_model_dir, config).extract(batch)
 
-    assert from_two.chunk_ids == from_one.chunk_ids == [30, 10, 20]
-    assert from_two.elapsed_s > 0 and from_one.elapsed_s > 0
-    for features in (from_two, from_one):
-        torch.testing.assert_close(features.rollout_features, local.rollout_features, atol=1e-6, rtol=0)
-        torch.testing.assert_close(features.gt_features, local.gt_features, atol=1e-6, rtol=0)
-    assert pool_of_two.documents_in_flight() == [0, 0]
+    assert first.chunk_ids + second.chunk_ids == whole.chunk_ids == [30, 10, 20]
+    assert first.elapsed_s > 0 and whole.elapsed_s > 0
+    for features in (torch.cat([first.rollout_features, second.rollout_features]), whole.rollout_features):
+        torch.testing.assert_close(features, local.rollout_features, atol=1e-6, rtol=0)
+    for features in (torch.cat([first.gt_features, second.gt_features]), whole.gt_features):
+        torch.testing.assert_close(features, local.gt_features, atol=1e-6, rtol=0)

@@ -1,20 +1,18 @@
 """The feature-extractor pool: N Ray actors, each holding one frozen feature network.
 
-A rollout batch is split by documents into contiguous shards, one per worker (least-loaded workers
-first), and the shards' feature batches are put back together in the batch's document order.
+The controller spreads the work: it cuts every step's chunks into shards and hands shard i's
+rollouts to worker i mod N (ebft/cluster/controller.py), so throughput grows with N.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import ray
-import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ebft.config import Config
-from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.messages import FeatureBatch, RolloutBatch
 
 
 class FeatureWorker:
@@ -54,87 +52,3 @@ def create_feature_workers(config: Config, model_path: str | os.PathLike, placem
         create_feature_worker(config, model_path, placement_group, bundle_offset + index)
         for index in range(config.resources.features.num_actors)
     ]
-
-
-def slice_rollout_batch(batch: RolloutBatch, start: int, stop: int) -> RolloutBatch:
-    """Documents start..stop-1 of a rollout batch."""
-    chunks = batch.chunks
-    return RolloutBatch(
-        chunks=ChunkBatch(chunk_ids=list(chunks.chunk_ids[start:stop]), tokens=chunks.tokens[start:stop], step=chunks.step),
-        tokens=batch.tokens[start:stop],
-        behavior_logprobs=batch.behavior_logprobs[start:stop],
-        weight_version=batch.weight_version,
-        elapsed_s=batch.elapsed_s,
-    )
-
-
-def concatenate_feature_batches(parts: list[FeatureBatch]) -> FeatureBatch:
-    """Shards in order; `elapsed_s` is the slowest shard's (the shards run in parallel on different workers)."""
-    return FeatureBatch(
-        chunk_ids=[chunk_id for part in parts for chunk_id in part.chunk_ids],
-        rollout_features=torch.cat([part.rollout_features for part in parts]),
-        gt_features=torch.cat([part.gt_features for part in parts]),
-        elapsed_s=max(part.elapsed_s for part in parts),
-    )
-
-
-@dataclass
-class PendingFeatures:
-    """Features of one submitted rollout batch, still being computed (`refs` works with `ray.wait`)."""
-
-    refs: list[ray.ObjectRef]
-
-    def result(self, timeout: float | None = None) -> FeatureBatch:
-        return concatenate_feature_batches(ray.get(self.refs, timeout=timeout))
-
-
-class FeaturePool:
-    """Spreads rollout batches over feature workers by documents; results come back in document order."""
-
-    def __init__(self, workers: list[ray.actor.ActorHandle]):
-        if not workers:
-            raise ValueError("a feature pool needs at least one worker (resources.features.num_actors >= 1)")
-        self.workers = list(workers)
-        self._in_flight: list[tuple[int, ray.ObjectRef, int]] = []  # (worker index, result ref, documents)
-
-    def __len__(self) -> int:
-        return len(self.workers)
-
-    def wait_ready(self, timeout: float | None = None) -> int:
-        """Block until every worker has loaded its model; returns the feature dimension D."""
-        dims = set(ray.get([worker.feature_dim.remote() for worker in self.workers], timeout=timeout))
-        if len(dims) != 1:
-            raise RuntimeError(f"feature workers disagree on the feature dimension: {sorted(dims)}")
-        return dims.pop()
-
-    def documents_in_flight(self) -> list[int]:
-        """Documents submitted to each worker whose features are not computed yet."""
-        if self._in_flight:
-            refs = [ref for _, ref, _ in self._in_flight]
-            _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-            pending = set(pending)
-            self._in_flight = [entry for entry in self._in_flight if entry[1] in pending]
-        load = [0] * len(self.workers)
-        for worker_index, _, documents in self._in_flight:
-            load[worker_index] += documents
-        return load
-
-    def submit(self, batch: RolloutBatch) -> PendingFeatures:
-        """Start extracting features of `batch`; does not block."""
-        num_docs = batch.tokens.shape[0]
-        if num_docs == 0:
-            raise ValueError("the rollout batch holds no documents")
-        load = self.documents_in_flight()
-        shards = min(len(self.workers), num_docs)
-        least_loaded = sorted(range(len(self.workers)), key=lambda index: (load[index], index))[:shards]
-        refs, start = [], 0
-        for shard, worker_index in enumerate(least_loaded):
-            stop = start + num_docs // shards + (1 if shard < num_docs % shards else 0)
-            ref = self.workers[worker_index].extract.remote(slice_rollout_batch(batch, start, stop))
-            self._in_flight.append((worker_index, ref, stop - start))
-            refs.append(ref)
-            start = stop
-        return PendingFeatures(refs)
-
-    def extract(self, batch: RolloutBatch) -> FeatureBatch:
-        return self.submit(batch).result()
