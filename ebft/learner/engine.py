@@ -129,7 +129,7 @@ class LearnerRank:
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, warmup)),
         )
-        self.reference_model = self._load_reference_model() if config.loss.kl_coef > 0 else None
+        self.reference_model = self._load_reference_model(ds_config) if config.loss.kl_coef > 0 else None
         self.step = 0
         self.weight_version = 0
         self.captured_gradients: dict[str, torch.Tensor] | None = None
@@ -184,20 +184,37 @@ class LearnerRank:
             attn_implementation="sdpa",
             trust_remote_code=self.config.model.trust_remote_code,
         )
-        del zero3_loading  # later from_pretrained calls (the KL reference) must load whole models
+        del zero3_loading
         model.config.use_cache = False
         if self.config.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         return model
 
-    def _load_reference_model(self):
-        """A frozen full copy of the initial policy for the KL term (not partitioned, even under ZeRO-3)."""
+    def _load_reference_model(self, ds_config: dict[str, Any]):
+        """A frozen copy of the initial policy for the KL term; under ZeRO-3 partitioned across the
+        ranks like the policy (its forwards are then collective, as every rank runs the same ones)."""
         from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
 
-        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype, attn_implementation="sdpa")
-        ref.config.use_cache = False
-        return ref.to(self.device).eval().requires_grad_(False)
+        zero3 = self.config.learner.zero_stage == 3
+        eval_config = {key: ds_config[key] for key in ("train_micro_batch_size_per_gpu", "bf16", "fp16", "steps_per_print")}
+        eval_config["zero_optimization"] = {"stage": 3}
+        zero3_loading = HfDeepSpeedConfig(eval_config) if zero3 else None
+        reference = AutoModelForCausalLM.from_pretrained(
+            self.model_path,
+            dtype=self.dtype,
+            attn_implementation="sdpa",
+            trust_remote_code=self.config.model.trust_remote_code,
+        )
+        del zero3_loading
+        reference.config.use_cache = False
+        reference.requires_grad_(False)
+        if not zero3:
+            return reference.to(self.device).eval()
+        engine, *_ = import_deepspeed().initialize(model=reference, config=eval_config)
+        engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+        return engine
 
     # ------------------------------------------------------------------ training
 
