@@ -172,7 +172,7 @@ class LearnerRank:
             ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
         return ds_config
 
-    def _load_model(self, ds_config: dict[str, Any]):
+    def _from_pretrained(self, ds_config: dict[str, Any]):
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -186,6 +186,10 @@ class LearnerRank:
         )
         del zero3_loading
         model.config.use_cache = False
+        return model
+
+    def _load_model(self, ds_config: dict[str, Any]):
+        model = self._from_pretrained(ds_config)
         if self.config.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -194,23 +198,10 @@ class LearnerRank:
     def _load_reference_model(self, ds_config: dict[str, Any]):
         """A frozen copy of the initial policy for the KL term; under ZeRO-3 partitioned across the
         ranks like the policy (its forwards are then collective, as every rank runs the same ones)."""
-        from transformers import AutoModelForCausalLM
-        from transformers.integrations import HfDeepSpeedConfig
-
-        zero3 = self.config.learner.zero_stage == 3
         eval_config = {key: ds_config[key] for key in ("train_micro_batch_size_per_gpu", "bf16", "fp16", "steps_per_print")}
-        eval_config["zero_optimization"] = {"stage": 3}
-        zero3_loading = HfDeepSpeedConfig(eval_config) if zero3 else None
-        reference = AutoModelForCausalLM.from_pretrained(
-            self.model_path,
-            dtype=self.dtype,
-            attn_implementation="sdpa",
-            trust_remote_code=self.config.model.trust_remote_code,
-        )
-        del zero3_loading
-        reference.config.use_cache = False
-        reference.requires_grad_(False)
-        if not zero3:
+        eval_config["zero_optimization"] = {"stage": self.config.learner.zero_stage}
+        reference = self._from_pretrained(eval_config).requires_grad_(False)
+        if self.config.learner.zero_stage != 3:
             return reference.to(self.device).eval()
         engine, *_ = import_deepspeed().initialize(model=reference, config=eval_config)
         engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
