@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(BIN)/ebft train configs/quickstart.yaml
 
 bench: $(STAMP)
-	cd benchmarks && for b in rewards rollout features weight_sync pipeline; do \
+	cd benchmarks && for b in rewards rollout features learner weight_sync pipeline; do \
 		test -f $$b.py && ../$(BIN)/python $$b.py | tail -1; done
 
 clean:

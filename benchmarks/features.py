@@ -79,7 +79,7 @@ def per_token_features(model_dir: str, config, batch: RolloutBatch) -> list[torc
     shipped = []
     for doc, rollouts in zip(batch.chunks.tokens, batch.tokens):
         n = rollouts.shape[0]
-        packed = plan.pack(doc.expand(n, -1), rollouts)
+        packed = plan.pack(doc.expand(n, -1), rollouts[:, None])
         out = model(
             input_ids=packed,
             attention_mask=mask.expand(n, -1, -1, -1),

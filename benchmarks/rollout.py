@@ -100,7 +100,7 @@ def packed_sampler(model, plan: BlockPlan, docs: torch.Tensor, n: int, temperatu
     """The authors' sampler: G no-cache forwards over the growing packed sequence; returns [docs, n, NB, G]."""
     NB, T, G = plan.num_blocks, plan.chunk_length, plan.block_length
     dtype = next(model.parameters()).dtype
-    mask, positions, predictors = plan.attention_mask(dtype), plan.position_ids, plan.predictor_indices
+    mask, positions, predictors = plan.attention_mask(dtype), plan.position_ids, plan.predictor_indices[0]
     generator = torch.Generator().manual_seed(0)
     out = torch.empty(docs.shape[0], n, NB, G, dtype=torch.int64)
     for d, doc in enumerate(docs):

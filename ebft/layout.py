@@ -4,10 +4,12 @@ A chunk of T tokens has NB = (T - G - C) // s + 1 blocks. Block k's prompt is th
 doc[:C + k*s]; its ground truth is doc[C + k*s : C + k*s + G]; n rollouts of exactly G tokens are
 sampled from it.
 
-The packed sequence of one (document, sample) is [doc (T tokens)] + [generated tokens, step-major]:
-generated token t of block k sits at index T + t*NB + k, has position id C + k*s + t, and attends to
-its block's prefix doc[:C + k*s] and to its own block's tokens 0..t. Document tokens attend causally.
-One forward over it equals NB separate causal forwards of prefix + block tokens.
+The packed sequence of a document and `samples` rollouts of every block is [doc (T tokens)] followed,
+for each sample j, by its generated tokens step-major: token t of block k of sample j sits at index
+T + j*NB*G + t*NB + k, has position id C + k*s + t, and attends to its block's prefix doc[:C + k*s]
+and to its own sample's block tokens 0..t. Document tokens attend causally. One forward over it
+equals samples x NB separate causal forwards of prefix + block tokens, with the document computed
+once (samples = 1 is the authors' layout, one sequence per (document, sample)).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class BlockPlan:
     context_length: int  # C
     stride: int  # s
     block_length: int  # G
+    samples: int = 1  # rollouts of every block packed behind one copy of the document
 
     def __post_init__(self) -> None:
         span = self.chunk_length - self.block_length - self.context_length
@@ -44,7 +47,7 @@ class BlockPlan:
 
     @property
     def packed_length(self) -> int:
-        return self.chunk_length + self.num_blocks * self.block_length
+        return self.chunk_length + self.samples * self.num_blocks * self.block_length
 
     @cached_property
     def prefix_lengths(self) -> torch.Tensor:
@@ -68,42 +71,44 @@ class BlockPlan:
 
     @cached_property
     def generated_indices(self) -> torch.Tensor:
-        """[NB, G] index in the packed sequence of generated token t of block k: T + t*NB + k."""
+        """[samples, NB, G] packed index of generated token t of block k of sample j: T + j*NB*G + t*NB + k."""
         NB, G = self.num_blocks, self.block_length
-        return self.chunk_length + torch.arange(G)[None, :] * NB + torch.arange(NB)[:, None]
+        per_sample = torch.arange(G)[None, :] * NB + torch.arange(NB)[:, None]
+        return self.chunk_length + torch.arange(self.samples)[:, None, None] * NB * G + per_sample
 
     @cached_property
     def predictor_indices(self) -> torch.Tensor:
-        """[NB, G] packed index whose logits predict generated token t of block k.
+        """[samples, NB, G] packed index whose logits predict generated token t of block k of sample j.
 
         Token 0 is predicted by the last prefix token (doc index C + k*s - 1), token t > 0 by the
-        block's own token t - 1.
+        sample's own token t - 1 of the block.
         """
         previous = self.generated_indices - self.num_blocks
-        previous[:, 0] = self.prefix_lengths - 1
+        previous[..., 0] = self.prefix_lengths - 1
         return previous
 
     @cached_property
     def position_ids(self) -> torch.Tensor:
-        """[S] position id of every packed token: i for doc token i, C + k*s + t for generated (k, t)."""
+        """[S] position id of every packed token: i for doc token i, C + k*s + t for generated (j, k, t)."""
         positions = torch.arange(self.packed_length)
-        positions[self.generated_indices.flatten()] = self.window_indices.flatten()
+        positions[self.generated_indices.flatten()] = self.window_indices.repeat(self.samples, 1).flatten()
         return positions
 
     @cached_property
     def allowed(self) -> torch.Tensor:
         """[S, S] bool: query i may attend to key j."""
-        T, S = self.chunk_length, self.packed_length
+        T, S, NB = self.chunk_length, self.packed_length, self.num_blocks
         idx = torch.arange(S)
         is_doc = idx < T
-        # Block and step of each packed token (doc tokens: block -1, step = their index).
-        block = torch.where(is_doc, -1, (idx - T) % self.num_blocks)
-        step = torch.where(is_doc, idx, (idx - T) // self.num_blocks)
+        generated = (idx - T).clamp(min=0)
+        # Sample, block and step of each packed token (doc tokens: sample and block -1, step = their index).
+        sample = torch.where(is_doc, -1, generated // (NB * self.block_length))
+        block = torch.where(is_doc, -1, generated % NB)
+        step = torch.where(is_doc, idx, generated % (NB * self.block_length) // NB)
         prefix_end = torch.where(is_doc, idx + 1, self.context_length + self.stride * block)
         sees_doc = is_doc[None, :] & (idx[None, :] < prefix_end[:, None])
-        sees_own_block = (
-            ~is_doc[:, None] & ~is_doc[None, :] & (block[:, None] == block[None, :]) & (step[None, :] <= step[:, None])
-        )
+        same_block = (sample[:, None] == sample[None, :]) & (block[:, None] == block[None, :])
+        sees_own_block = ~is_doc[:, None] & ~is_doc[None, :] & same_block & (step[None, :] <= step[:, None])
         return sees_doc | sees_own_block
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -117,6 +122,11 @@ class BlockPlan:
         return mask[None, None]
 
     def pack(self, docs: torch.Tensor, rollouts: torch.Tensor) -> torch.Tensor:
-        """docs [..., T] + rollouts [..., NB, G] -> packed token ids [..., S] (step-major)."""
-        generated = rollouts.transpose(-1, -2).flatten(-2)  # [..., G*NB], index t*NB + k
+        """docs [..., T] + rollouts [..., samples, NB, G] -> packed token ids [..., S] (step-major per sample)."""
+        if rollouts.shape[-3:] != (self.samples, self.num_blocks, self.block_length):
+            raise ValueError(
+                f"rollouts must end in [samples={self.samples}, NB={self.num_blocks}, G={self.block_length}], "
+                f"got {tuple(rollouts.shape)}"
+            )
+        generated = rollouts.transpose(-1, -2).flatten(-3)  # [..., samples*G*NB], index j*G*NB + t*NB + k
         return torch.cat([docs, generated], dim=-1)

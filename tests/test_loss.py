@@ -16,7 +16,7 @@ def test_generated_logprobs_and_ce_match_separate_forwards(tiny_model_dir):
     torch.manual_seed(1)
     docs = torch.randint(3, 500, (2, 24))
     rollouts = torch.randint(3, 500, (2, plan.num_blocks, 4))
-    packed = plan.pack(docs, rollouts)
+    packed = plan.pack(docs, rollouts[:, None])
     temperature = 0.7
     with torch.no_grad():
         logits = model(
@@ -24,7 +24,7 @@ def test_generated_logprobs_and_ce_match_separate_forwards(tiny_model_dir):
             attention_mask=plan.attention_mask().expand(2, -1, -1, -1),
             position_ids=plan.position_ids.expand(2, -1),
         ).logits
-        got = generated_logprobs(logits, packed, plan, temperature)
+        got = generated_logprobs(logits, packed, plan, temperature)[:, 0]
         got_ce = document_ce(logits, docs)
         for b in range(2):
             plain = model(input_ids=docs[b : b + 1]).logits[0].double()
@@ -41,12 +41,12 @@ def test_generated_logprobs_and_ce_match_separate_forwards(tiny_model_dir):
 
 def test_sliced_logprobs_keep_no_float_copy_of_the_logits_and_give_the_float64_gradient(monkeypatch):
     monkeypatch.setattr(loss_module, "LOGPROB_SLICE", 5)  # several slices, the last one short
-    plan = BlockPlan(chunk_length=24, context_length=4, stride=4, block_length=4)
+    plan = BlockPlan(chunk_length=24, context_length=4, stride=4, block_length=4, samples=2)
     torch.manual_seed(2)
     B, V = 3, 50
-    packed = plan.pack(torch.randint(0, V, (B, 24)), torch.randint(0, V, (B, plan.num_blocks, 4)))
+    packed = plan.pack(torch.randint(0, V, (B, 24)), torch.randint(0, V, (B, 2, plan.num_blocks, 4)))
     logits = torch.randn(B, plan.packed_length, V, requires_grad=True)
-    weights = torch.randn(B, plan.num_blocks, 4, dtype=torch.float64)
+    weights = torch.randn(B, 2, plan.num_blocks, 4, dtype=torch.float64)
 
     saved = []  # tensors autograd keeps for backward, other than the logits themselves
     keep = lambda t: saved.append(t.nbytes) if t.untyped_storage().data_ptr() != logits.data_ptr() else None  # noqa: E731
@@ -54,11 +54,11 @@ def test_sliced_logprobs_keep_no_float_copy_of_the_logits_and_give_the_float64_g
         got = generated_logprobs(logits, packed, plan, 0.7)
         got_ce = document_ce(logits, packed[:, :24])
     # Far less than one float32 [B, positions, V] copy (or log-softmax) of the logits.
-    assert sum(saved) < B * 8 * V * 4
+    assert sum(saved) < B * 16 * V * 4
     ((got.double() * weights).sum() + got_ce.double().sum()).backward()
 
     reference = logits.detach().double().requires_grad_()
-    predicted = torch.log_softmax(reference[:, plan.predictor_indices] / 0.7, -1)  # [B, NB, G, V]
+    predicted = torch.log_softmax(reference[:, plan.predictor_indices] / 0.7, -1)  # [B, samples, NB, G, V]
     want = predicted.gather(-1, packed[:, plan.generated_indices].unsqueeze(-1)).squeeze(-1)
     want_ce = torch.stack(
         [-torch.log_softmax(reference[b, :23], -1)[torch.arange(23), packed[b, 1:24]].mean() for b in range(B)]

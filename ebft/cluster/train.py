@@ -220,7 +220,7 @@ def throughput(config: Config, result: StepResult) -> dict[str, float]:
     return {
         "perf/generated_tokens_per_s": generated / max(m["timing/generate"], 1e-9),
         "perf/features_per_s": docs * s.num_samples * config.num_blocks / max(m["timing/features"], 1e-9),
-        "perf/trained_tokens_per_s": (generated + docs * config.data.chunk_length * s.num_samples) / max(m["timing/train"], 1e-9),
+        "perf/trained_tokens_per_s": (generated + docs * config.data.chunk_length) / max(m["timing/train"], 1e-9),
         "perf/step_time_s": step_time,
     }
 

@@ -92,7 +92,7 @@ class FeatureExtractor:
         T = self.plan.chunk_length
         self._generated_mask = self.plan.attention_mask(self.dtype)[:, :, T:, :].to(self.device)  # [1, 1, NB*G, S]
         self._generated_positions = self.plan.position_ids[T:].to(self.device)  # [NB*G]
-        self._generated_block_indices = self.plan.generated_indices - T  # [NB, G] into the generated part
+        self._generated_block_indices = self.plan.generated_indices[0] - T  # [NB, G] into the generated part
         self._window_indices = self.plan.window_indices  # [NB, G] into the document
 
     def _install_capture_hooks(self) -> None:
@@ -130,7 +130,7 @@ class FeatureExtractor:
         rollout_features = torch.empty(num_docs, n, NB, self.feature_dim)
         gt_features = torch.empty(num_docs, NB, self.feature_dim)
 
-        generated = plan.pack(docs[:, None].expand(-1, n, -1), rollouts)[..., T:]  # [docs, n, NB*G] step-major
+        generated = plan.pack(docs[:, None].expand(-1, n, -1), rollouts.unsqueeze(2))[..., T:]  # [docs, n, NB*G] step-major
         docs_per_forward = max(1, self.token_budget // T)
         rows_per_forward = max(1, self.token_budget // (NB * G))
         for start in range(0, num_docs, docs_per_forward):

@@ -1,8 +1,9 @@
 """One DeepSpeed rank of the EBFT learner, usable in-process (tests) or inside a Ray actor (group.py).
 
 A training step takes this rank's share of the step's documents (rollouts + pooled features),
-turns features into per-block advantages with `compute_rewards`, and runs the packed forward of
-every (document, sample) sequence in micro-batches of `learner.micro_batch_docs` documents. Each
+turns features into per-block advantages with `compute_rewards`, and runs one packed forward per
+document (the document once, then its n samples of every block; ebft/layout.py) in micro-batches of
+`learner.micro_batch_docs` documents. Each
 micro-batch loss is a mean over its sequences; DeepSpeed divides by the accumulation steps and
 averages over ranks, so the accumulated gradient is the gradient of the full-batch loss (the mean
 over all docs_per_step * n sequences). Every micro-batch therefore has the same size and every rank
@@ -18,6 +19,7 @@ import shutil
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +91,8 @@ class LearnerRank:
     ):
         self.config, self.model_path = config, str(model_path)
         self.rank, self.world_size = rank, world_size
-        self.plan = BlockPlan.from_config(config)
         self.samples = config.sampling.num_samples
+        self.plan = replace(BlockPlan.from_config(config), samples=self.samples)
         self.micro_batch_docs = config.learner.micro_batch_docs
         self.docs_per_rank, self.accumulation_steps = self.batch_geometry(config, world_size)
         self.dtype = _DTYPES[config.model.dtype]
@@ -247,16 +249,17 @@ class LearnerRank:
         self.engine.train()
         for micro in range(self.accumulation_steps):
             docs = slice(micro * self.micro_batch_docs, (micro + 1) * self.micro_batch_docs)
-            seq_docs = inputs.docs[docs].repeat_interleave(self.samples, dim=0)  # [B, T], (doc, sample) order
-            packed = self.plan.pack(seq_docs, inputs.rollouts[docs].flatten(0, 1)).to(self.device)
+            packed = self.plan.pack(inputs.docs[docs], inputs.rollouts[docs]).to(self.device)  # [docs, S]
             logits = self._packed_logits(self.engine, packed)
-            logprobs = generated_logprobs(logits, packed, self.plan, temperature)
-            ce = document_nll(logits, packed[:, : self.plan.chunk_length])
+            # Per (document, sample) sequence, in (doc, sample) order: log-probs [B, NB, G], CE [B].
+            logprobs = generated_logprobs(logits, packed, self.plan, temperature).flatten(0, 1)
+            ce = document_nll(logits, packed[:, : self.plan.chunk_length]).repeat_interleave(self.samples)
             del logits
             ref_logprobs = None
             if self.reference_model is not None:
                 with torch.no_grad():
-                    ref_logprobs = generated_logprobs(self._packed_logits(self.reference_model, packed), packed, self.plan, temperature)
+                    ref_logits = self._packed_logits(self.reference_model, packed)
+                    ref_logprobs = generated_logprobs(ref_logits, packed, self.plan, temperature).flatten(0, 1)
             terms = ebft_loss(
                 logprobs,
                 inputs.advantages[docs].flatten(0, 1).to(self.device),

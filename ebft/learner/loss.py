@@ -49,7 +49,7 @@ def token_logprobs(
 
 
 def generated_logprobs(logits: torch.Tensor, packed_tokens: torch.Tensor, plan: BlockPlan, temperature: float) -> torch.Tensor:
-    """logits [B, S, V] of a packed forward, tokens [B, S] -> log pi(token) [B, NB, G] at logits / temperature."""
+    """logits [B, S, V] of a packed forward, tokens [B, S] -> log pi(token) [B, samples, NB, G] at logits / temperature."""
     targets = packed_tokens[:, plan.generated_indices.flatten().to(packed_tokens.device)]
     logp = token_logprobs(logits, plan.predictor_indices.flatten(), targets, temperature)
     return logp.unflatten(1, plan.generated_indices.shape)
