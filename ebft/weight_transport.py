@@ -18,6 +18,7 @@ sides import it.
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -87,7 +88,9 @@ class WeightReceiverExtension:
         weights = load(blob if isinstance(blob, bytes) else bytes(blob))
         # A second model.load_weights() breaks on CPU (linear weights are repacked after loading);
         # the worker's reload path re-runs that post-load processing.
-        self.reload_weights(weights_iterator=iter(weights.items()))
+        tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
+        with _quiet_expected_reload_warnings(tied):
+            self.reload_weights(weights_iterator=iter(weights.items()))
         self._refresh_tied_lm_head()
         return len(weights)
 
@@ -106,6 +109,31 @@ class WeightReceiverExtension:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """vLLM's reload warns "<layer>: Failed to load weights" for layers a checkpoint has no tensors
+    for: the rotary embedding (its cache is computed, not loaded) and, in a tied model, the LM head
+    (refreshed from the embedding by `_refresh_tied_lm_head`). Those are expected; others still show."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.expected = {"RotaryEmbedding", "ParallelLMHead"} if tied else {"RotaryEmbedding"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        expected = record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.expected
+        return not expected
+
+
+@contextlib.contextmanager
+def _quiet_expected_reload_warnings(tied: bool):
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    expected = _ExpectedReloadWarnings(tied)
+    reload_log.addFilter(expected)
+    try:
+        yield
+    finally:
+        reload_log.removeFilter(expected)
 
 
 def load_update_into_engine(llm, update: WeightUpdate) -> None:

@@ -3,6 +3,7 @@ needs GPUs), and a real object-store update of SmolLM2 (tied embeddings) checked
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -254,3 +255,27 @@ def test_smollm2_update_with_tied_embeddings_makes_greedy_follow_the_new_weights
         worker.shutdown()
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
+
+
+def test_only_the_expected_reload_warnings_are_silenced():
+    from ebft.weight_transport import _quiet_expected_reload_warnings
+
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    reload_log.addHandler(handler)
+    try:
+        with _quiet_expected_reload_warnings(tied=True):
+            for layer in ("RotaryEmbedding", "ParallelLMHead", "QKVParallelLinear"):
+                reload_log.warning("%s: Failed to load weights", layer)
+        with _quiet_expected_reload_warnings(tied=False):  # an untied head must load: keep the warning
+            reload_log.warning("%s: Failed to load weights", "ParallelLMHead")
+        reload_log.warning("%s: Failed to load weights", "RotaryEmbedding")  # outside a reload
+    finally:
+        reload_log.removeHandler(handler)
+    assert shown == [
+        "QKVParallelLinear: Failed to load weights",
+        "ParallelLMHead: Failed to load weights",
+        "RotaryEmbedding: Failed to load weights",
+    ]
