@@ -29,9 +29,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# Each demo run gets its own folder under runs/, so running it again never touches an earlier run.
 demo: $(STAMP)
 	$(BIN)/ebft models prepare smollm2
-	$(BIN)/ebft train configs/quickstart.yaml
+	$(BIN)/ebft train configs/quickstart.yaml training.output_dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 bench: $(STAMP)
 	cd benchmarks && for b in rewards rollout features learner weight_sync pipeline; do \
