@@ -90,9 +90,26 @@ def test_resume_with_max_staleness_0_reproduces_the_straight_run(local_ray, tiny
             assert rows_b[step][key] == pytest.approx(rows_a[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
-def test_resume_with_max_staleness_1_trains_every_chunk_once(local_ray, tiny_model_with_tokenizer, tmp_path):
-    first = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 2}))
-    second = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 4}), resume=True)
+def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once(local_ray, tiny_model_with_tokenizer, tmp_path):
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 4})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    handler_before = signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_after_first_step():
+        deadline = time.time() + 600
+        while time.time() < deadline and not (metrics.exists() and "train/policy_loss" in metrics.read_text()):
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_first_step, daemon=True).start()
+    first = run(config)
+    assert first.stopped_early and 1 <= first.steps < 4
+    assert first.checkpoint is not None and first.checkpoint.name == f"step_{first.steps:08d}"
+    assert sorted(train_rows(first.run_dir)) == list(range(first.steps))
+    assert signal.getsignal(signal.SIGINT) is handler_before
+
+    second = run(config, resume=True)
+    assert second.steps == 4 and not second.stopped_early
     trained = first.trained_chunk_ids + second.trained_chunk_ids
     assert sorted(trained) == list(range(8)), trained
 

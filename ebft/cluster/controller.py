@@ -69,6 +69,8 @@ class Controller:
     on_step: Callable[[StepResult], None] = lambda result: None
     trained_chunk_ids: list[int] = field(default_factory=list)
     restarts: int = 0
+    stop_requested: bool = False
+    """Set (e.g. on Ctrl-C) to stop once the step being trained is finished."""
     resume_state: dict[str, Any] | None = None
     """The data position after the last trained step: what a checkpoint saves."""
     _weights: ray.ObjectRef | None = None
@@ -81,7 +83,7 @@ class Controller:
             self.push_weights()  # resumed: the engines start from the base weights
         in_flight: deque[ScheduledStep] = deque()
         next_step = self.step
-        while self.step < last:
+        while self.step < last and not self.stop_requested:
             while len(in_flight) <= self.config.training.max_staleness and next_step < last:
                 in_flight.append(self.schedule(next_step))  # generation starts now, features follow
                 next_step += 1

@@ -29,6 +29,8 @@ def print_summary(summary, console: Console | None = None) -> None:
         f"trained chunks: {summary.trained_chunks} of {summary.scheduled_chunks} scheduled; "
         f"generated tokens: {summary.generated_tokens:,}; actor restarts: {summary.restarts}"
     )
+    if summary.stopped_early:
+        console.print(f"stopped early at step {summary.steps}: continue with `ebft train <config> --resume`")
     console.print(f"run directory: {summary.run_dir}  (metrics.jsonl, config.yaml)")
     if summary.plot:
         console.print(f"curves: {summary.plot}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ class TrainSummary:
     wandb_dir: str | None
     checkpoint: Path | None
     trained_chunk_ids: list[int]
+    stopped_early: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -171,12 +175,14 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
         config, rollout_pool, feature_pool, learner, stream, step=start["step"], version=start["version"], on_step=on_step
     )
     try:
-        if evaluator.enabled and start["step"] == 0:
-            evals.append(evaluate(0))
-        controller.run()
-        if evaluator.enabled:
-            evals.append(evaluate(config.training.steps))
-        save(config.training.steps, controller.resume_state)
+        with stop_on_interrupt(controller):
+            if evaluator.enabled and start["step"] == 0:
+                evals.append(evaluate(0))
+            controller.run()
+        if controller.step == config.training.steps and evaluator.enabled:
+            evals.append(evaluate(controller.step))
+        if controller.step > start["step"]:
+            save(controller.step, controller.resume_state)
     finally:
         monitor.close()
         plot = monitor.plot()
@@ -199,7 +205,37 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
         wandb_dir=monitor.wandb_dir,
         checkpoint=saved[-1] if saved else None,
         trained_chunk_ids=controller.trained_chunk_ids,
+        stopped_early=controller.step < config.training.steps,
     )
+
+
+@contextmanager
+def stop_on_interrupt(controller: Controller):
+    """The first Ctrl-C (or SIGTERM) lets the step being trained finish, then the run checkpoints and
+    stops (`--resume` continues it); a second Ctrl-C aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in signals}
+
+    def request_stop(number, frame):
+        if controller.stop_requested:
+            raise KeyboardInterrupt
+        controller.stop_requested = True
+        log.warning(
+            "%s: stopping after step %d, then saving a checkpoint (Ctrl-C again to abort without one)",
+            signal.Signals(number).name,
+            controller.step + 1,
+        )
+
+    for number in signals:
+        signal.signal(number, request_stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _read_start(checkpoint: Path | None) -> dict[str, int]:
