@@ -39,7 +39,7 @@ def ray_head(monkeypatch):
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_submitted_tiny_job_succeeds(ray_head, tiny_model_with_tokenizer, tmp_path, capsys):
+def test_submitted_tiny_job_trains_and_ray_job_stop_checkpoints_it(ray_head, tiny_model_with_tokenizer, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     config = {
@@ -54,11 +54,19 @@ def test_submitted_tiny_job_succeeds(ray_head, tiny_model_with_tokenizer, tmp_pa
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
-    job_id = submit(str(path), ["training.steps=2"], address=ray_head)
+    job_id = submit(str(path), ["training.steps=50"], address=ray_head)  # the override is what runs
     client = JobSubmissionClient(ray_head)
+    metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 600
-    while time.time() < deadline and client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        time.sleep(2)
-    status = client.get_job_status(job_id)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-4000:]
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("train/policy_loss") == 2
+    while time.time() < deadline and not (metrics.exists() and "train/policy_loss" in metrics.read_text()):
+        assert client.get_job_status(job_id) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(job_id)[-4000:]
+        time.sleep(1)
+    assert client.stop_job(job_id)  # SIGTERM: the job finishes its step and saves a checkpoint
+    while time.time() < deadline and not client.get_job_status(job_id).is_terminal():
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    trained = metrics.read_text().count("train/policy_loss")
+    assert 1 <= trained < 50, logs[-4000:]
+    checkpoints = sorted(folder.name for folder in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoints[-1] == f"step_{trained:08d}", logs[-4000:]
+    assert "stopped early" in logs

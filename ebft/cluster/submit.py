@@ -15,6 +15,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 JOBS_DIR = ".ebft-jobs"
 EXCLUDES = [".venv", ".git", "runs", "wandb", "**/__pycache__", ".pytest_cache", "*.egg-info", "build"]
 IGNORE_GITIGNORE = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
+# `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default: 3). `ebft train`
+# answers SIGTERM by finishing the step in progress and saving a checkpoint, which needs longer.
+STOP_GRACE_S = 600
 
 
 def job_entrypoint(config_in_project: str, resume: bool, python: str) -> str:
@@ -49,7 +52,11 @@ def submit(
     try:
         return client.submit_job(
             entrypoint=entrypoint,
-            runtime_env={"working_dir": str(project_root), "excludes": EXCLUDES},
+            runtime_env={
+                "working_dir": str(project_root),
+                "excludes": EXCLUDES,
+                "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S)},
+            },
             metadata={"ebft_config": str(config_path)},
         )
     finally:
@@ -64,4 +71,5 @@ def main_submit(config_path: str, overrides: list[str], *, address: str, resume:
     print(f"submitted job {job_id}")
     print(f"follow its logs:  ray job logs --address {address} --follow {job_id}")
     print(f"its status:       ray job status --address {address} {job_id}")
+    print(f"stop it:          ray job stop --address {address} {job_id}   (finishes the step, checkpoints)")
     return 0
