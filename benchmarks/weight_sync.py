@@ -13,7 +13,7 @@ timed from the driver. Every push carries a new weight version, so pushes follow
     step 1 (warm-up) -> push to A and B (warm-up)
     step 2 -> push to A (timed: one actor) -> step 3 -> push to A and B (timed: two actors) ...
 
-The default step is deliberately small (1 document x 4 samples, T = 256, C = s = G = 8: 2,016
+The default step is deliberately small (1 document x 4 samples, T = 256, C = s = G = 8: 1,248
 packed tokens); the paper's step (16 documents x 4 samples, T = 1024) is ~65x more tokens for the
 same push, so its ratio is correspondingly lower. The last line is JSON; `ratio` is the two-actor
 push time over the median step time.
@@ -147,7 +147,7 @@ def main() -> None:
 
     step_s = statistics.median(steps)
     sync_one, sync_two = min(one), min(two)
-    packed_tokens = docs * N * (args.chunk_length + config.num_blocks * G)
+    packed_tokens = docs * (args.chunk_length + N * config.num_blocks * G)  # the document once, then its samples
     print(f"SmolLM2-135M bf16, {docs} doc(s) x {N} samples x T={args.chunk_length} ({packed_tokens} packed tokens per step)")
     print(f"training step (median of {len(steps)}): {step_s:.2f} s")
     print(f"push to 1 rollout actor: {sync_one:.2f} s  (ratio {sync_one / step_s:.3f})")
