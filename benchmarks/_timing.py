@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks: best-of-k wall time and the final JSON line."""
+"""Small helpers shared by the benchmarks: best-of-k wall time, the final JSON line, real-text chunks."""
 
 import json
 import time
@@ -17,3 +17,19 @@ def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 def emit(result: dict) -> None:
     print(json.dumps(result))
+
+
+def stdlib_chunks(tokenizer_path: str, docs: int, length: int):
+    """[docs, length] token ids of consecutive stretches of Python standard-library source."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ebft.data import python_stdlib_files
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    ids: list[int] = []
+    for _, path in python_stdlib_files():
+        ids += tokenizer(path.read_text(errors="replace"))["input_ids"]
+        if len(ids) >= docs * length:
+            break
+    return torch.tensor(ids[: docs * length]).view(docs, length)

@@ -49,7 +49,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import best_time, emit  # noqa: E402
+from _timing import best_time, emit, stdlib_chunks  # noqa: E402
 
 from ebft.config import build_config  # noqa: E402
 from ebft.layout import BlockPlan  # noqa: E402
@@ -78,21 +78,12 @@ def tiny_llama(directory: str) -> str:
 
 
 def text_chunks(model_path: str, docs: int) -> torch.Tensor:
-    """[docs, T] token ids of consecutive stretches of stdlib source (random ids without a tokenizer)."""
+    """[docs, T] token ids of stdlib source (random ids for a model without a tokenizer)."""
     from ebft.actors.rollout import has_tokenizer
-    from ebft.data import python_stdlib_files
 
     if not has_tokenizer(model_path):
         return torch.randint(3, 2048, (docs, T), generator=torch.Generator().manual_seed(0))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids: list[int] = []
-    for _, path in python_stdlib_files():
-        ids += tokenizer(path.read_text(errors="replace"))["input_ids"]
-        if len(ids) >= docs * T:
-            break
-    return torch.tensor(ids[: docs * T]).view(docs, T)
+    return stdlib_chunks(model_path, docs, T)
 
 
 @torch.inference_mode()

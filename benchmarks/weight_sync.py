@@ -45,26 +45,12 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import emit  # noqa: E402
+from _timing import emit, stdlib_chunks  # noqa: E402
 
 from ebft.config import build_config  # noqa: E402
 from ebft.messages import ChunkBatch, FeatureBatch  # noqa: E402
 
 C, S, G, N = 8, 8, 8, 4
-
-
-def text_chunks(model_path: str, docs: int, length: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    from ebft.data import python_stdlib_files
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids: list[int] = []
-    for _, path in python_stdlib_files():
-        ids += tokenizer(path.read_text(errors="replace"))["input_ids"]
-        if len(ids) >= docs * length:
-            break
-    return torch.tensor(ids[: docs * length]).view(docs, length)
 
 
 def main() -> None:
@@ -99,7 +85,7 @@ def main() -> None:
         remote_worker = ray.remote(num_cpus=1)(RolloutWorker)
         actors = [remote_worker.remote(config, model_path, enforce_eager=True) for _ in range(2)]
         group = LearnerGroup(config, model_path)
-        chunks = ChunkBatch(list(range(docs)), text_chunks(model_path, docs, args.chunk_length), step=0)
+        chunks = ChunkBatch(list(range(docs)), stdlib_chunks(model_path, docs, args.chunk_length), step=0)
         ray.get([actor.weight_version.remote() for actor in actors])
         print(f"start-up (learner + 2 engines): {time.perf_counter() - started:.1f} s", flush=True)
 

@@ -58,6 +58,26 @@ def transformers_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     return tokens[len(prompt) :]
 
 
+def tiny_run_config(model_dir, output_dir, **sections) -> dict:
+    """A whole-pipeline run of the tiny model on a few stdlib chunks, as a raw config dict;
+    `sections` update single keys of a section (`training={"steps": 4}`)."""
+    raw = {
+        "model": {"policy": str(model_dir), "dtype": "float32"},
+        "data": {"sources": [{"path": "python_stdlib"}], "chunk_length": 32, "max_examples": 12, "heldout_fraction": 0.2},
+        "sampling": {"context_length": 4, "stride": 4, "block_length": 4, "num_samples": 4},
+        "resources": {pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features", "learner")},
+        "rollout": {"kv_cache_gib": 0.125},
+        "learner": {"zero_stage": 1, "micro_batch_docs": 1, "gradient_checkpointing": False},
+        "optim": {"lr": 1e-3, "warmup_fraction": 0.0},
+        "training": {"docs_per_step": 2, "steps": 3, "max_staleness": 1, "output_dir": str(output_dir)},
+        "logging": {"wandb_mode": "disabled", "samples_every": 1000},
+        "eval": {"every": 0, "num_docs": 2},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -13,6 +13,7 @@ import ray
 import safetensors.torch
 import torch
 
+from conftest import tiny_run_config
 from ebft.cluster.train import JOB_ENV, run
 from ebft.config import build_config
 
@@ -27,21 +28,7 @@ def local_ray():
 
 
 def tiny_config(model_dir, output_dir, **sections):
-    raw = {
-        "model": {"policy": str(model_dir), "dtype": "float32"},
-        "data": {"sources": [{"path": "python_stdlib"}], "chunk_length": 32, "max_examples": 12, "heldout_fraction": 0.2},
-        "sampling": {"context_length": 4, "stride": 4, "block_length": 4, "num_samples": 4},
-        "resources": {pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features", "learner")},
-        "rollout": {"kv_cache_gib": 0.125},
-        "learner": {"zero_stage": 1, "micro_batch_docs": 1, "gradient_checkpointing": False},
-        "optim": {"lr": 1e-3, "warmup_fraction": 0.0},
-        "training": {"docs_per_step": 2, "steps": 3, "max_staleness": 1, "output_dir": str(output_dir)},
-        "logging": {"wandb_mode": "disabled", "samples_every": 1000},
-        "eval": {"every": 0, "num_docs": 2},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return build_config(raw)
+    return build_config(tiny_run_config(model_dir, output_dir, **sections))
 
 
 def train_rows(run_dir):

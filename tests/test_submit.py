@@ -1,4 +1,4 @@
-"""`ebft submit` of a tiny job to a Ray head started on 127.0.0.1: the job must end SUCCEEDED."""
+"""`ebft submit` of a tiny job to a Ray head started on 127.0.0.1: it trains, and `ray job stop` checkpoints it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import tiny_run_config
 from ebft.cluster.submit import submit
 
 pytestmark = pytest.mark.slow
@@ -42,16 +43,7 @@ def ray_head(monkeypatch):
 def test_submitted_tiny_job_trains_and_ray_job_stop_checkpoints_it(ray_head, tiny_model_with_tokenizer, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    config = {
-        "model": {"policy": str(tiny_model_with_tokenizer), "dtype": "float32"},
-        "data": {"sources": [{"path": "python_stdlib"}], "chunk_length": 32, "max_examples": 8, "heldout_fraction": 0.0},
-        "sampling": {"context_length": 4, "stride": 4, "block_length": 4, "num_samples": 4},
-        "resources": {pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features", "learner")},
-        "rollout": {"kv_cache_gib": 0.125},
-        "learner": {"zero_stage": 1, "gradient_checkpointing": False},
-        "training": {"docs_per_step": 2, "steps": 2, "max_staleness": 1, "output_dir": str(tmp_path / "run")},
-        "logging": {"wandb_mode": "disabled"},
-    }
+    config = tiny_run_config(tiny_model_with_tokenizer, tmp_path / "run", data={"max_examples": 8, "heldout_fraction": 0.0})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     job_id = submit(str(path), ["training.steps=50"], address=ray_head)  # the override is what runs
