@@ -154,10 +154,15 @@ def main() -> None:
             del per_token
             ratio = per_token_per_doc / pooled_per_doc
 
-            # args.docs documents on one worker, or half of them on each of two workers at once (as the controller shards).
+            # args.docs documents on one worker, or half of them on each of two workers at once
+            # (as the controller shards).
             half = args.docs // 2
-            whole, first, second = (make_batch(config, count, seed=3 + i) for i, count in enumerate([args.docs, half, args.docs - half]))
-            seconds_one, seconds_two = best_seconds([[(workers[0], whole)], [(workers[0], first), (workers[1], second)]], args.repeats)
+            whole, first, second = (
+                make_batch(config, count, seed=3 + i) for i, count in enumerate([args.docs, half, args.docs - half])
+            )
+            seconds_one, seconds_two = best_seconds(
+                [[(workers[0], whole)], [(workers[0], first), (workers[1], second)]], args.repeats
+            )
         finally:
             ray.shutdown()
 
@@ -176,7 +181,10 @@ def main() -> None:
         "docs_per_batch": args.docs,
         "model": model_name,
     }
-    print(f"per-token {per_token_per_doc / 2**20:.2f} MiB/doc vs pooled {pooled_per_doc / 2**20:.3f} MiB/doc: x{ratio:.2f}")
+    print(
+        f"per-token {per_token_per_doc / 2**20:.2f} MiB/doc vs pooled {pooled_per_doc / 2**20:.3f} MiB/doc: "
+        f"x{ratio:.2f}"
+    )
     print(f"{features} rollout features: 1 worker {seconds_one:.2f} s, 2 workers {seconds_two:.2f} s")
     print(
         f"per document, one thread: worker {seconds_one / args.docs:.2f} s (document computed once, layers above the "

@@ -48,7 +48,9 @@ def loss_terms(model, plan: BlockPlan, docs: torch.Tensor, rollouts: torch.Tenso
         position_ids=plan.position_ids.expand(rows, -1),
         use_cache=False,
     ).logits
-    logprobs = generated_logprobs(logits, packed, plan, 0.6).reshape(docs.shape[0], N, *plan.generated_indices.shape[1:])
+    logprobs = generated_logprobs(logits, packed, plan, 0.6).reshape(
+        docs.shape[0], N, *plan.generated_indices.shape[1:]
+    )
     ce = document_ce(logits, row_docs).view(docs.shape[0], rows_per_doc).mean(1)
     return logprobs, ce
 
@@ -80,12 +82,18 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     docs = torch.randint(3, vocab, (args.docs, args.chunk_length), generator=generator)
     rollouts = torch.randint(3, vocab, (args.docs, N, per_sample.num_blocks, G), generator=generator)
-    print(f"SmolLM2-135M, T={args.chunk_length} C=s=G={C} n={N} NB={per_sample.num_blocks}, {args.docs} docs; "
-          f"rows x tokens: per sample {N * args.docs} x {per_sample.packed_length}, shared {args.docs} x {shared.packed_length}; "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M, T={args.chunk_length} C=s=G={C} n={N} NB={per_sample.num_blocks}, {args.docs} docs; "
+        f"rows x tokens: per sample {N * args.docs} x {per_sample.packed_length}, "
+        f"shared {args.docs} x {shared.packed_length}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     with torch.no_grad():
-        (lp_a, ce_a), (lp_b, ce_b) = loss_terms(model, per_sample, docs, rollouts), loss_terms(model, shared, docs, rollouts)
+        (lp_a, ce_a), (lp_b, ce_b) = (
+            loss_terms(model, per_sample, docs, rollouts),
+            loss_terms(model, shared, docs, rollouts),
+        )
     logprob_diff = float((lp_a - lp_b).abs().max())
     ce_diff = float((ce_a - ce_b).abs().max())
     print(f"same loss terms: max |log-prob difference| {logprob_diff:.2e}, max |CE difference| {ce_diff:.2e}")
@@ -94,8 +102,10 @@ def main() -> None:
     for _ in range(args.repeats):
         best_per_sample = min(best_per_sample, step_seconds(model, per_sample, docs, rollouts))
         best_shared = min(best_shared, step_seconds(model, shared, docs, rollouts))
-    print(f"forward + backward: per-sample rows {best_per_sample:.2f} s, shared document {best_shared:.2f} s "
-          f"-> {best_per_sample / best_shared:.2f}x")
+    print(
+        f"forward + backward: per-sample rows {best_per_sample:.2f} s, shared document {best_shared:.2f} s "
+        f"-> {best_per_sample / best_shared:.2f}x"
+    )
     emit(
         {
             "benchmark": "learner",

@@ -11,8 +11,8 @@ import time
 
 import ray
 import torch
-
 from _timing import emit
+
 from ebft.cluster.controller import Controller
 from ebft.cluster.pools import ActorPool
 from ebft.config import build_config
@@ -43,7 +43,9 @@ class StandInFeatures:
     def extract(self, batch: RolloutBatch) -> FeatureBatch:
         time.sleep(self.seconds)
         docs, n, nb, _ = batch.tokens.shape
-        return FeatureBatch(batch.chunks.chunk_ids, torch.zeros(docs, n, nb, 4), torch.zeros(docs, nb, 4), elapsed_s=self.seconds)
+        return FeatureBatch(
+            batch.chunks.chunk_ids, torch.zeros(docs, n, nb, 4), torch.zeros(docs, nb, 4), elapsed_s=self.seconds
+        )
 
 
 class StandInLearner:
@@ -78,7 +80,11 @@ def step_time(config, stages, unit, steps):
     feature_pool = ActorPool("features", lambda i: StandInFeatures.remote(featurize), 1)
     finished = []
     controller = Controller(
-        config, rollout_pool, feature_pool, StandInLearner(train), CountingStream(config.data.chunk_length),
+        config,
+        rollout_pool,
+        feature_pool,
+        StandInLearner(train),
+        CountingStream(config.data.chunk_length),
         on_step=lambda result: finished.append(time.perf_counter()),
     )
     controller.run()
@@ -97,17 +103,30 @@ def main():
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     base = ["data.chunk_length=64", f"training.steps={args.steps}", "training.docs_per_step=2"]
-    asynchronous = step_time(build_config(overrides=base + [f"training.max_staleness={args.staleness}"]), args.stages, args.unit, args.steps)
-    synchronous = step_time(build_config(overrides=base + ["training.max_staleness=0"]), args.stages, args.unit, args.steps)
+    asynchronous = step_time(
+        build_config(overrides=base + [f"training.max_staleness={args.staleness}"]), args.stages, args.unit, args.steps
+    )
+    synchronous = step_time(
+        build_config(overrides=base + ["training.max_staleness=0"]), args.stages, args.unit, args.steps
+    )
     ray.shutdown()
     slowest, total = max(args.stages) * args.unit, sum(args.stages) * args.unit
     print(f"stages (generate, features, train) = {args.stages} x {args.unit} s")
     print(f"synchronous step (max_staleness=0) : {synchronous:.3f} s   (sum of stages {total:.3f} s)")
     print(f"async step (max_staleness={args.staleness})       : {asynchronous:.3f} s   (slowest stage {slowest:.3f} s)")
     print(f"async / slowest = {asynchronous / slowest:.3f}; sync / async = {synchronous / asynchronous:.2f}x")
-    emit({"benchmark": "pipeline", "ratio": round(asynchronous / slowest, 3), "async_step_s": round(asynchronous, 3),
-          "sync_step_s": round(synchronous, 3), "slowest_stage_s": slowest, "stage_sum_s": total,
-          "speedup_vs_sync": round(synchronous / asynchronous, 2), "max_staleness": args.staleness})
+    emit(
+        {
+            "benchmark": "pipeline",
+            "ratio": round(asynchronous / slowest, 3),
+            "async_step_s": round(asynchronous, 3),
+            "sync_step_s": round(synchronous, 3),
+            "slowest_stage_s": slowest,
+            "stage_sum_s": total,
+            "speedup_vs_sync": round(synchronous / asynchronous, 2),
+            "max_staleness": args.staleness,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import argparse
 import time
 
 import torch
-
 from _timing import best_time, emit
+
 from ebft.learner.rewards import compute_rewards
 
 
@@ -59,9 +59,19 @@ def main():
     print(f"per-group SVD + loops : {loop * 1e3:9.1f} ms")
     print(f"batched kernel        : {kernel * 1e3:9.1f} ms   ({loop / kernel:.0f}x faster; outputs agree to 1e-4)")
     print(f"Gram floor (one bmm)  : {gram * 1e3:9.1f} ms   (kernel = {kernel / gram:.2f}x the floor)")
-    emit({"benchmark": "rewards", "ratio": round(loop / kernel, 1), "floor_ratio": round(kernel / gram, 2),
-          "loop_ms": round(loop * 1e3, 1), "kernel_ms": round(kernel * 1e3, 2), "gram_ms": round(gram * 1e3, 2),
-          "groups": groups, "n": args.samples, "dim": args.dim})
+    emit(
+        {
+            "benchmark": "rewards",
+            "ratio": round(loop / kernel, 1),
+            "floor_ratio": round(kernel / gram, 2),
+            "loop_ms": round(loop * 1e3, 1),
+            "kernel_ms": round(kernel * 1e3, 2),
+            "gram_ms": round(gram * 1e3, 2),
+            "groups": groups,
+            "n": args.samples,
+            "dim": args.dim,
+        }
+    )
 
 
 if __name__ == "__main__":

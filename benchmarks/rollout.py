@@ -5,7 +5,7 @@ T = 256, C = s = G = 8 (NB = 31), n = 4, temperature 0.6, chunks of real text (P
 
 (a) `RolloutWorker.generate` (in-process vLLM engine): the NB nested prefixes of each chunk as prompts
     with n samples, prefix caching, all chunks in one call.
-(b) the authors' approach (EBFT_METHOD.md section 2), re-implemented as their sampler runs it: per
+(b) the authors' approach (docs/method.md section 2), re-implemented as their sampler runs it: per
     chunk, n copies of the packed sequence [doc] + [generated, step-major], G forwards with no KV
     cache, forward t over the T + t*NB tokens that exist (the sequence grows by one token per
     block each step) with the dense strided mask, float32 logits at every position, all NB blocks
@@ -148,8 +148,10 @@ def main() -> None:
         plan = BlockPlan.from_config(config)
         docs = text_chunks(model_path, args.docs)
         tokens_per_doc = N * plan.num_blocks * G
-        print(f"model {args.model} ({model_path}); T={T} C={C} s={S} G={G} n={N} NB={plan.num_blocks}; "
-              f"torch threads {torch.get_num_threads()}")
+        print(
+            f"model {args.model} ({model_path}); T={T} C={C} s={S} G={G} n={N} NB={plan.num_blocks}; "
+            f"torch threads {torch.get_num_threads()}"
+        )
 
         from transformers import AutoModelForCausalLM
 
@@ -172,9 +174,9 @@ def main() -> None:
         # Alternate the two so that a change in machine load hits both; keep each one's best.
         actor_s = baseline_s = float("inf")
         for _ in range(args.repeats):
-            baseline_s = min(baseline_s, best_time(
-                lambda: packed_sampler(model, plan, baseline_docs, N, 0.6), 1, warmup=0
-            ))
+            baseline_s = min(
+                baseline_s, best_time(lambda: packed_sampler(model, plan, baseline_docs, N, 0.6), 1, warmup=0)
+            )
             actor_s = min(actor_s, best_time(rollout_once, 1, warmup=0))
         kv_block = worker.llm.llm_engine.vllm_config.cache_config.block_size
         worker.shutdown()
@@ -182,12 +184,16 @@ def main() -> None:
         baseline_work = packed_token_passes(plan, N) / tokens_per_doc
         baseline_rate = len(baseline_docs) * tokens_per_doc / baseline_s
         actor_rate = len(docs) * tokens_per_doc / actor_s
-        print(f"(b) authors' packed sampler: {len(baseline_docs)} chunks in {baseline_s:.2f} s "
-              f"-> {baseline_rate:,.0f} generated tok/s")
+        print(
+            f"(b) authors' packed sampler: {len(baseline_docs)} chunks in {baseline_s:.2f} s "
+            f"-> {baseline_rate:,.0f} generated tok/s"
+        )
         print(f"(a) rollout engine (vLLM): {len(docs)} chunks in {actor_s:.2f} s -> {actor_rate:,.0f} generated tok/s")
-        print(f"model token passes per generated token: authors {baseline_work:.2f}, engine {engine_work:.2f} "
-              f"(KV block {kv_block}: {engine_work - (G - 1) / G:.2f} of it recomputed prompt tails) "
-              f"-> work ratio {baseline_work / engine_work:.2f}")
+        print(
+            f"model token passes per generated token: authors {baseline_work:.2f}, engine {engine_work:.2f} "
+            f"(KV block {kv_block}: {engine_work - (G - 1) / G:.2f} of it recomputed prompt tails) "
+            f"-> work ratio {baseline_work / engine_work:.2f}"
+        )
 
     emit(
         {

@@ -75,7 +75,10 @@ def main() -> None:
             "learner": {"zero_stage": 2, "micro_batch_docs": 1, "gradient_checkpointing": True},
             "optim": {"lr": 1e-6, "warmup_fraction": 0.0},
             "training": {"docs_per_step": args.docs_per_step, "steps": 100},
-            "resources": {"learner": {"num_actors": 1, "cpus_per_actor": args.learner_cpus}, "rollout": {"num_actors": 2}},
+            "resources": {
+                "learner": {"num_actors": 1, "cpus_per_actor": args.learner_cpus},
+                "rollout": {"num_actors": 2},
+            },
         }
     )
     docs = args.docs_per_step
@@ -109,7 +112,9 @@ def main() -> None:
             start = time.perf_counter()
             version = group.push_weights()
             elapsed = time.perf_counter() - start
-            assert version == group.weight_version and ray.get([a.weight_version.remote() for a in receivers]) == [version] * len(receivers)
+            assert version == group.weight_version and ray.get([a.weight_version.remote() for a in receivers]) == [
+                version
+            ] * len(receivers)
             return elapsed
 
         warm_step = step()
@@ -121,7 +126,11 @@ def main() -> None:
             one.append(push(actors[:1]))
             steps.append(step())
             two.append(push(actors))
-            print(f"step {steps[-2]:.2f} s, push to 1 actor {one[-1]:.2f} s; step {steps[-1]:.2f} s, push to 2 actors {two[-1]:.2f} s", flush=True)
+            print(
+                f"step {steps[-2]:.2f} s, push to 1 actor {one[-1]:.2f} s; "
+                f"step {steps[-1]:.2f} s, push to 2 actors {two[-1]:.2f} s",
+                flush=True,
+            )
         export_start = time.perf_counter()
         ray.get(group.export_weights())
         export_s = time.perf_counter() - export_start
@@ -134,7 +143,10 @@ def main() -> None:
     step_s = statistics.median(steps)
     sync_one, sync_two = min(one), min(two)
     packed_tokens = docs * (args.chunk_length + N * config.num_blocks * G)  # the document once, then its samples
-    print(f"SmolLM2-135M bf16, {docs} doc(s) x {N} samples x T={args.chunk_length} ({packed_tokens} packed tokens per step)")
+    print(
+        f"SmolLM2-135M bf16, {docs} doc(s) x {N} samples x T={args.chunk_length} "
+        f"({packed_tokens} packed tokens per step)"
+    )
     print(f"training step (median of {len(steps)}): {step_s:.2f} s")
     print(f"push to 1 rollout actor: {sync_one:.2f} s  (ratio {sync_one / step_s:.3f})")
     print(f"push to 2 rollout actors: {sync_two:.2f} s  (ratio {sync_two / step_s:.3f})")

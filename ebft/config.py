@@ -125,6 +125,9 @@ class LearnerConfig(Section):
 
 
 class TrainingConfig(Section):
+    method: Literal["ebft", "sft"] = "ebft"
+    """`ebft`: feature matching with rollouts (docs/method.md section 5); `sft`: cross-entropy on the same
+    chunks with the same optimizer, schedule and data order, and no rollouts (section 7)."""
     docs_per_step: int = Field(16, ge=1)
     """Documents (each with n rollouts per block) per optimizer step; paper: 16 x 4 samples."""
     steps: int = Field(100, ge=1)
@@ -151,6 +154,14 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0)
     """Evaluate every N steps (and at step 0); 0 disables periodic evaluation."""
     num_docs: int = Field(8, ge=1)
+    """Held-out chunks: a fixed seeded selection spread over as many source files as possible."""
+    num_samples: int = Field(16, ge=2)
+    """Rollouts per block at evaluation (independent of sampling.num_samples); >= 2 for the unbiased CFM."""
+    seed: int = 0
+    """Chooses the held-out chunks and their sampling seeds: every evaluation of a run, and every run with the
+    same seed, sees the same chunks and random numbers, so two checkpoints are compared pairwise."""
+    at_start: bool = True
+    """Evaluate the starting weights at step 0 (`ebft compare` evaluates the base once for both methods)."""
     humaneval_problems: int = Field(0, ge=0)
     """HumanEval problems to run (0: skip; 164: all)."""
     num_completions: int = Field(1, ge=1)
@@ -187,7 +198,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _geometry(self) -> "Config":
+    def _geometry(self) -> Config:
         T, s = self.data.chunk_length, self.sampling
         span = T - s.block_length - s.context_length
         if span < 0:
@@ -204,6 +215,11 @@ class Config(Section):
         if s.num_samples < 2:
             raise ValueError(
                 f"sampling.num_samples={s.num_samples}: the leave-one-out baseline needs n >= 2 (paper: 4)"
+            )
+        if self.training.method == "sft" and self.loss.kl_coef > 0:
+            raise ValueError(
+                "loss.kl_coef > 0 is an EBFT setting (a KL term on the rollouts); training.method=sft generates no "
+                "rollouts: set loss.kl_coef=0 or training.method=ebft"
             )
         return self
 

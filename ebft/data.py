@@ -87,7 +87,9 @@ def pack_documents(
     answer_mask = np.cumsum(answer[:-1]) > 0
     usable = total // chunk_length * chunk_length
     shape = (total // chunk_length, chunk_length)
-    return PackedChunks(stream[:usable].reshape(shape), doc_ids[:usable].reshape(shape), answer_mask[:usable].reshape(shape))
+    return PackedChunks(
+        stream[:usable].reshape(shape), doc_ids[:usable].reshape(shape), answer_mask[:usable].reshape(shape)
+    )
 
 
 def tokenize_examples(
@@ -229,16 +231,39 @@ class PreparedData:
     def stream(self, *, seed: int = 0, shuffle: bool = True) -> ChunkStream:
         return ChunkStream(self.train, seed=seed, shuffle=shuffle)
 
-    def heldout_batch(self, max_chunks: int | None = None, step: int = 0) -> ChunkBatch:
-        """The first `max_chunks` held-out chunks in fixed order; ids are positions in the held-out set."""
+    def heldout_batch(
+        self, max_chunks: int | None = None, *, seed: int = 0, step: int = 0
+    ) -> tuple[ChunkBatch, list[int]]:
+        """`max_chunks` held-out chunks (all: None) chosen by `seed`, spread over as many examples (source
+        files) as possible: one chunk of each example in a seeded order, then a second of each, and so on.
+
+        Returns the chunks (ids are positions in the held-out set, ascending) and the example each
+        chunk starts in: the unit a paired bootstrap resamples (ebft.evaluation.stats)."""
         if len(self.heldout) == 0:
             raise DataError(
                 "no held-out chunk: raise data.heldout_fraction or add data (held-out examples are "
                 f"packed separately into chunks of {self.train.chunk_length} tokens)"
             )
+        examples = self.heldout.doc_ids[:, 0]
         count = len(self.heldout) if max_chunks is None else min(max_chunks, len(self.heldout))
-        tokens = torch.from_numpy(self.heldout.tokens[:count].astype(np.int64))
-        return ChunkBatch(chunk_ids=list(range(count)), tokens=tokens, step=step)
+        chosen = sorted(spread_over_groups(examples, count, seed))
+        tokens = torch.from_numpy(self.heldout.tokens[chosen].astype(np.int64))
+        return ChunkBatch(chunk_ids=chosen, tokens=tokens, step=step), [int(examples[i]) for i in chosen]
+
+
+def spread_over_groups(groups: np.ndarray, count: int, seed: int) -> list[int]:
+    """Indices of `count` items, taken round-robin over the groups (groups and members in seeded orders)."""
+    rng = np.random.default_rng(seed)
+    members: dict[int, list[int]] = {}
+    for index in rng.permutation(len(groups)).tolist():
+        members.setdefault(int(groups[index]), []).append(index)
+    queues = [members[g] for g in rng.permutation(sorted(members)).tolist()]
+    chosen: list[int] = []
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop())
+    return chosen
 
 
 def _source_labels(sources: Sequence[SourceConfig]) -> list[str]:
@@ -293,7 +318,9 @@ def prepare_data(config: DataConfig, tokenizer, *, progress: bool = True) -> Pre
             f"data.chunk_length={config.chunk_length}; add data, lower data.chunk_length or data.heldout_fraction"
         )
     if config.heldout_fraction > 0 and report.heldout_chunks == 0:
-        logger.warning("data: the held-out split (%d tokens) fills no chunk; evaluation has no data", report.heldout_tokens)
+        logger.warning(
+            "data: the held-out split (%d tokens) fills no chunk; evaluation has no data", report.heldout_tokens
+        )
     return PreparedData(packed["train"], packed["held-out"], report)
 
 

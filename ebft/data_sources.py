@@ -24,7 +24,14 @@ logger = logging.getLogger(__name__)
 
 STDLIB_SOURCE = "python_stdlib"
 HF_PREFIX = "hf:"
-SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".py": "text", ".md": "text"}
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".py": "text",
+    ".md": "text",
+}
 SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 # Left out of the stdlib corpus: test suites hold deliberately broken or odd files and test data.
 STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
@@ -59,7 +66,8 @@ class DataReport:
 
     def summary(self) -> str:
         sources = "; ".join(
-            f"{name}: {self.usable[name]} examples ({self.heldout[name]} held out), rejected: {self.rejected_text(name)}"
+            f"{name}: {self.usable[name]} examples ({self.heldout[name]} held out), "
+            f"rejected: {self.rejected_text(name)}"
             for name in dict.fromkeys([*self.usable, *self.rejected])
         )
         return (
@@ -214,7 +222,7 @@ def _local_path(source: SourceConfig) -> Path:
 def _hf_examples(source: SourceConfig, label: str, report: DataReport) -> Iterator[Example]:
     import datasets
 
-    name = source.path[len(HF_PREFIX):] if source.path.startswith(HF_PREFIX) else source.path
+    name = source.path[len(HF_PREFIX) :] if source.path.startswith(HF_PREFIX) else source.path
     try:
         local = Path(name).expanduser()
         saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")  # written by save_to_disk

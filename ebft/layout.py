@@ -37,7 +37,7 @@ class BlockPlan:
             )
 
     @classmethod
-    def from_config(cls, config) -> "BlockPlan":
+    def from_config(cls, config) -> BlockPlan:
         s = config.sampling
         return cls(config.data.chunk_length, s.context_length, s.stride, s.block_length)
 

@@ -63,7 +63,12 @@ def tiny_run_config(model_dir, output_dir, **sections) -> dict:
     `sections` update single keys of a section (`training={"steps": 4}`)."""
     raw = {
         "model": {"policy": str(model_dir), "dtype": "float32"},
-        "data": {"sources": [{"path": "python_stdlib"}], "chunk_length": 32, "max_examples": 12, "heldout_fraction": 0.2},
+        "data": {
+            "sources": [{"path": "python_stdlib"}],
+            "chunk_length": 32,
+            "max_examples": 12,
+            "heldout_fraction": 0.2,
+        },
         "sampling": {"context_length": 4, "stride": 4, "block_length": 4, "num_samples": 4},
         "resources": {pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features", "learner")},
         "rollout": {"kv_cache_gib": 0.125},
@@ -76,6 +81,18 @@ def tiny_run_config(model_dir, output_dir, **sections) -> dict:
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
     return raw
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray runtime with the job environment `ebft train` uses, for one test module."""
+    import ray
+
+    from ebft.cluster.train import JOB_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": JOB_ENV}, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
-    assert all(name in usage for name in ("models", "train", "submit", "eval"))
+    assert all(name in usage for name in ("models", "train", "compare", "submit", "eval"))
 
 
 def test_train_parses_config_overrides_and_resume(monkeypatch, config_file):
@@ -48,10 +48,22 @@ def test_submit_and_eval_dispatch(monkeypatch, config_file):
     submitted = install_fake(monkeypatch, "ebft.cluster.submit", "main_submit")
     evaluated = install_fake(monkeypatch, "ebft.evaluation.cli", "run")
     cli.main(["submit", str(config_file), "training.steps=3", "--address", "http://127.0.0.1:8265"])
-    assert submitted[0] == ((str(config_file), ["training.steps=3"]), {"address": "http://127.0.0.1:8265", "resume": False})
+    assert submitted[0] == (
+        (str(config_file), ["training.steps=3"]),
+        {"address": "http://127.0.0.1:8265", "resume": False, "command": "train"},
+    )
+    cli.main(["submit", str(config_file), "--compare", "--address", "http://127.0.0.1:8265"])
+    assert submitted[1][1]["command"] == "compare"
     assert cli.main(["eval", "runs/x", "--config", str(config_file)]) == 0
     (model, config), kwargs = evaluated[0]
     assert model == "runs/x" and config.training.steps == 5 and kwargs == {"output": None}
+
+
+def test_compare_dispatch(monkeypatch, config_file):
+    compared = install_fake(monkeypatch, "ebft.cluster.compare", "compare")
+    assert cli.main(["compare", str(config_file), "training.steps=4", "training.method=sft"]) == 0
+    (config,), _ = compared[0]
+    assert config.training.steps == 4
 
 
 def test_config_errors_print_cleanly(config_file, capsys):
@@ -72,7 +84,9 @@ def test_models_prepare_prints_the_path(monkeypatch, tmp_path, capsys):
 
 def test_console_script_runs_without_traceback(config_file):
     result = subprocess.run(
-        [sys.executable, "-m", "ebft.cli", "train", str(config_file), "data.chunk_length=13"], capture_output=True, text=True
+        [sys.executable, "-m", "ebft.cli", "train", str(config_file), "data.chunk_length=13"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "data.chunk_length" in result.stderr and "Traceback" not in result.stderr

@@ -12,19 +12,12 @@ import pytest
 import ray
 import safetensors.torch
 import torch
-
 from conftest import tiny_run_config
-from ebft.cluster.train import JOB_ENV, run
+
+from ebft.cluster.train import run
 from ebft.config import build_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": JOB_ENV}, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def tiny_config(model_dir, output_dir, **sections):
@@ -50,10 +43,20 @@ def test_pipeline_end_to_end(local_ray, tiny_model_with_tokenizer, tmp_path):
     rows = train_rows(summary.run_dir)
     assert sorted(rows) == [0, 1, 2]
     for row in rows.values():
-        for key in ("train/policy_loss", "train/ce_loss", "train/gt_reward", "timing/generate", "perf/generated_tokens_per_s"):
+        for key in (
+            "train/policy_loss",
+            "train/ce_loss",
+            "train/gt_reward",
+            "timing/generate",
+            "perf/generated_tokens_per_s",
+        ):
             assert torch.isfinite(torch.tensor(row[key])), key
         assert row["train/staleness_max"] <= 1
-    evals = [json.loads(l) for l in (summary.run_dir / "metrics.jsonl").read_text().splitlines() if "eval/full_ce_loss" in l]
+    evals = [
+        json.loads(line)
+        for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()
+        if "eval/full_ce_loss" in line
+    ]
     assert [e["step"] for e in evals] == [0, 2, 3]
     assert summary.plot is not None and summary.plot.exists()
     trained = AutoModelForCausalLM.from_pretrained(summary.checkpoint)
@@ -77,7 +80,9 @@ def test_resume_with_max_staleness_0_reproduces_the_straight_run(local_ray, tiny
             assert rows_b[step][key] == pytest.approx(rows_a[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once(local_ray, tiny_model_with_tokenizer, tmp_path):
+def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once(
+    local_ray, tiny_model_with_tokenizer, tmp_path
+):
     config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 4})
     metrics = tmp_path / "run" / "metrics.jsonl"
     handler_before = signal.getsignal(signal.SIGINT)
@@ -129,12 +134,13 @@ def test_killed_rollout_actor_is_replaced_and_nothing_is_lost(local_ray, tiny_mo
 
 def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny_model_with_tokenizer, tmp_path):
     """The controller with k = 0 against the algorithm written out step by step with the same pieces."""
+    from transformers import AutoTokenizer
+
     from ebft.actors.pool import create_rollout_actor
     from ebft.data import prepare_data
     from ebft.features.pool import create_feature_worker
     from ebft.learner.group import LearnerGroup
     from ebft.weight_transport import update_to_state_dict
-    from transformers import AutoTokenizer
 
     config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"max_staleness": 0, "steps": 3})
     summary = run(config)
@@ -160,7 +166,13 @@ def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny
 
     rows = train_rows(summary.run_dir)
     for step in range(3):
-        for key in ("train/policy_loss", "train/ce_loss", "train/gt_reward", "train/diversity_reward", "train/grad_norm"):
+        for key in (
+            "train/policy_loss",
+            "train/ce_loss",
+            "train/gt_reward",
+            "train/diversity_reward",
+            "train/grad_norm",
+        ):
             assert rows[step][key] == pytest.approx(by_hand[step][key], rel=1e-5, abs=1e-7), (step, key)
     pipeline = final_weights(summary)
     for name, value in weights.items():

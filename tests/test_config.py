@@ -13,7 +13,10 @@ def test_defaults_follow_the_paper():
 
 
 def test_dotted_overrides_are_typed():
-    config = build_config({"sampling": {"temperature": 1.0}}, ["sampling.temperature=0.6", "data.chunk_length=64", "reward.whitening=feature"])
+    config = build_config(
+        {"sampling": {"temperature": 1.0}},
+        ["sampling.temperature=0.6", "data.chunk_length=64", "reward.whitening=feature"],
+    )
     assert config.sampling.temperature == 0.6 and config.data.chunk_length == 64
     assert config.reward.whitening == "feature" and config.num_blocks == (64 - 16) // 8 + 1
 

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -96,7 +97,9 @@ def test_pack_documents_exact_multiple_keeps_every_token():
 def test_question_answer_packing_and_answer_mask(tmp_path, tokenizer):
     source = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     config = DataConfig(
-        sources=[SourceConfig(path=str(source), question_key="q", answer_key="a")], chunk_length=16, heldout_fraction=0.0
+        sources=[SourceConfig(path=str(source), question_key="q", answer_key="a")],
+        chunk_length=16,
+        heldout_fraction=0.0,
     )
     data = prepare_data(config, tokenizer, progress=False)
     documents, starts = reference_qa_documents(QA_ROWS, tokenizer)
@@ -105,7 +108,9 @@ def test_question_answer_packing_and_answer_mask(tmp_path, tokenizer):
     assert data.train.doc_ids.tolist() == doc_ids
     assert data.train.answer_mask.tolist() == answer
     # The masked tokens of a document that lies wholly inside the packed prefix decode to its answer text.
-    flat_tokens, flat_docs, flat_mask = (a.reshape(-1) for a in (data.train.tokens, data.train.doc_ids, data.train.answer_mask))
+    flat_tokens, flat_docs, flat_mask = (
+        a.reshape(-1) for a in (data.train.tokens, data.train.doc_ids, data.train.answer_mask)
+    )
     assert tokenizer.decode(flat_tokens[(flat_docs == 0) & flat_mask]) == QA_ROWS[0]["a"]
     assert tokenizer.decode(flat_tokens[(flat_docs == 1) & ~flat_mask][:-1]) == QA_ROWS[1]["q"]  # last one is EOS
 
@@ -118,9 +123,16 @@ def test_sources_concatenate_in_order_with_text_files(tmp_path, tokenizer):
         (folder / name).write_text(text)
     rows = [{"text": "from jsonl one"}, {"text": "from jsonl two"}]
     jsonl = write_jsonl(tmp_path / "rows.jsonl", rows)
-    config = DataConfig(sources=[SourceConfig(path=str(folder)), SourceConfig(path=str(jsonl))], chunk_length=4, heldout_fraction=0.0)
+    config = DataConfig(
+        sources=[SourceConfig(path=str(folder)), SourceConfig(path=str(jsonl))], chunk_length=4, heldout_fraction=0.0
+    )
     data = prepare_data(config, tokenizer, progress=False)
-    in_order = [texts["a.md"], texts["b.txt"], texts["sub/c.py"], *(row["text"] for row in rows)]  # sorted walk, hidden skipped
+    in_order = [
+        texts["a.md"],
+        texts["b.txt"],
+        texts["sub/c.py"],
+        *(row["text"] for row in rows),
+    ]  # sorted walk, hidden skipped
     documents = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in in_order]
     assert data.train.tokens.tolist() == reference_pack(documents, tokenizer.eos_token_id, 4)[0]
     assert data.report.usable == {str(folder): 3, str(jsonl): 2}
@@ -146,7 +158,10 @@ def test_parquet_and_hf_sources_read_the_same_rows(tmp_path, tokenizer, monkeypa
 def test_max_examples_caps_each_source(tmp_path, tokenizer):
     rows = [{"text": f"example {i}"} for i in range(10)]
     config = DataConfig(
-        sources=[SourceConfig(path=str(write_jsonl(tmp_path / "r.jsonl", rows)))], chunk_length=2, heldout_fraction=0.0, max_examples=4
+        sources=[SourceConfig(path=str(write_jsonl(tmp_path / "r.jsonl", rows)))],
+        chunk_length=2,
+        heldout_fraction=0.0,
+        max_examples=4,
     )
     data = prepare_data(config, tokenizer, progress=False)
     documents = [tokenizer(row["text"], add_special_tokens=False)["input_ids"] for row in rows[:4]]
@@ -212,7 +227,9 @@ def test_missing_path_and_half_qa_keys_are_config_errors(tmp_path, tokenizer):
 def test_too_little_data_for_one_chunk_says_so(tmp_path, tokenizer):
     source = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "short"}])
     with pytest.raises(DataError, match="less than one chunk of data.chunk_length=1024"):
-        prepare_data(DataConfig(sources=[SourceConfig(path=str(source))], heldout_fraction=0.0), tokenizer, progress=False)
+        prepare_data(
+            DataConfig(sources=[SourceConfig(path=str(source))], heldout_fraction=0.0), tokenizer, progress=False
+        )
 
 
 # ----------------------------------------------------------------------------- held-out split
@@ -246,9 +263,16 @@ def test_python_stdlib_listing_and_split_are_stable_across_processes():
     heldout = {k for k in keys if is_heldout(k, 0.1)}
     assert 0.05 < len(heldout) / len(keys) < 0.15
     # A fresh interpreter with a different hash seed computes the same split (no use of Python's hash()).
-    script = "from ebft.data import python_stdlib_files, is_heldout; print(sorted(k for k, _ in python_stdlib_files() if is_heldout(k, 0.1)))"
+    script = (
+        "from ebft.data import python_stdlib_files, is_heldout; "
+        "print(sorted(k for k, _ in python_stdlib_files() if is_heldout(k, 0.1)))"
+    )
     output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"}
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
     ).stdout
     assert eval(output) == sorted(heldout)
 
@@ -293,7 +317,9 @@ def test_batch_tokens_are_the_indexed_chunks(packed):
     assert batch.tokens.dtype.is_floating_point is False and batch.tokens.shape == (6, 5)
     assert batch.tokens.tolist() == [packed.tokens[stream.chunk_index(i)].tolist() for i in batch.chunk_ids]
     assert stream.answer_mask(batch.chunk_ids).shape == (6, 5)
-    assert stream.doc_ids(batch.chunk_ids).tolist() == [packed.doc_ids[stream.chunk_index(i)].tolist() for i in batch.chunk_ids]
+    assert stream.doc_ids(batch.chunk_ids).tolist() == [
+        packed.doc_ids[stream.chunk_index(i)].tolist() for i in batch.chunk_ids
+    ]
     assert [batch.step, stream.next_batch(2).step, stream.next_batch(2, step=9).step] == [0, 1, 9]
 
 
@@ -320,13 +346,33 @@ def test_resume_refuses_different_data(packed):
         ChunkStream(other).load_state_dict(state)
 
 
-def test_heldout_batch(tmp_path, tokenizer):
-    rows = [{"text": f"held out candidate number {i} with some text"} for i in range(60)]
-    config = DataConfig(sources=[SourceConfig(path=str(write_jsonl(tmp_path / "r.jsonl", rows)))], chunk_length=8, heldout_fraction=0.5)
+def test_heldout_batch_is_a_seeded_selection_spread_over_source_files(tmp_path, tokenizer):
+    # Files of very different lengths: a long file fills many chunks, the short ones one or two each.
+    rows = [{"text": "long file " * 200}] + [
+        {"text": f"short held-out file number {i} " * (1 + i % 3)} for i in range(80)
+    ]
+    config = DataConfig(
+        sources=[SourceConfig(path=str(write_jsonl(tmp_path / "r.jsonl", rows)))], chunk_length=8, heldout_fraction=0.5
+    )
     data = prepare_data(config, tokenizer, progress=False)
-    batch = data.heldout_batch(max_chunks=3)
-    assert batch.chunk_ids == [0, 1, 2] and batch.tokens.tolist() == data.heldout.tokens[:3].tolist()
-    assert len(data.heldout_batch().chunk_ids) == len(data.heldout)
+    starts = [int(data.heldout.doc_ids[i, 0]) for i in range(len(data.heldout))]
+    files = len(set(starts))
+    assert len(data.heldout) > files + 10  # some files fill many chunks: the first N chunks would repeat files
+
+    batch, groups = data.heldout_batch(files, seed=3)
+    assert batch.chunk_ids == sorted(batch.chunk_ids) and len(batch.chunk_ids) == files
+    assert groups == [starts[i] for i in batch.chunk_ids]
+    assert len(set(groups)) == files  # one chunk of every file before a second of any
+    assert batch.tokens.tolist() == [data.heldout.tokens[i].tolist() for i in batch.chunk_ids]
+    again, _ = data.heldout_batch(files, seed=3)
+    other, _ = data.heldout_batch(files, seed=4)
+    assert again.chunk_ids == batch.chunk_ids and other.chunk_ids != batch.chunk_ids
+
+    more, more_groups = data.heldout_batch(files + 5, seed=3)
+    counts = Counter(more_groups)
+    assert len(counts) == files and max(counts.values()) == 2 and sum(counts.values()) == files + 5
+    everything, _ = data.heldout_batch(seed=0)
+    assert everything.chunk_ids == list(range(len(data.heldout)))
     empty = prepare_data(config.model_copy(update={"heldout_fraction": 0.0}), tokenizer, progress=False)
     with pytest.raises(DataError, match="no held-out chunk"):
         empty.heldout_batch()
@@ -341,7 +387,9 @@ def test_prepare_run_data_uses_the_policy_tokenizer(tmp_path, tokenizer):
     (policy / "config.json").write_text("{}")
     rows = [{"text": f"line {i} of the corpus"} for i in range(30)]
     source = write_jsonl(tmp_path / "r.jsonl", rows)
-    config = build_config({"model": {"policy": str(policy)}, "data": {"sources": [{"path": str(source)}], "chunk_length": 16}})
+    config = build_config(
+        {"model": {"policy": str(policy)}, "data": {"sources": [{"path": str(source)}], "chunk_length": 16}}
+    )
     data = prepare_run_data(config, progress=False)
     direct = prepare_data(config.data, tokenizer, progress=False)
     assert data.train.tokens.tolist() == direct.train.tokens.tolist() and len(data.train) > 0

@@ -132,8 +132,11 @@ def test_fenced_full_function_with_chatter_is_extracted(close_elements):
 
 def test_fenced_body_closing_fence_and_echoed_prompt(close_elements):
     body = close_elements.canonical_solution
-    completions = (f"```python\n{body}```", close_elements.prompt + body,
-                   body + "```\n\nThis checks every pair:\nfor each element...\n")
+    completions = (
+        f"```python\n{body}```",
+        close_elements.prompt + body,
+        body + "```\n\nThis checks every pair:\nfor each element...\n",
+    )
     for completion in completions:
         extracted = extract_code(close_elements.prompt, completion, close_elements.entry_point)
         assert not extracted.standalone and extracted.code.strip() == body.strip()
@@ -141,10 +144,16 @@ def test_fenced_body_closing_fence_and_echoed_prompt(close_elements):
 
 def test_jsonl_problems_with_a_question_prompt_and_assert_tests(tmp_path):
     rows = [
-        {"task_id": "add", "prompt": "Write a function add(a, b) that returns the sum.",
-         "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]},
-        {"prompt": "def square(x):\n    \"\"\"Return x squared.\"\"\"\n",
-         "test": "def check(candidate):\n    assert candidate(3) == 9\n", "entry_point": "square"},
+        {
+            "task_id": "add",
+            "prompt": "Write a function add(a, b) that returns the sum.",
+            "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"],
+        },
+        {
+            "prompt": 'def square(x):\n    """Return x squared."""\n',
+            "test": "def check(candidate):\n    assert candidate(3) == 9\n",
+            "entry_point": "square",
+        },
     ]
     path = tmp_path / "problems.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -152,8 +161,11 @@ def test_jsonl_problems_with_a_question_prompt_and_assert_tests(tmp_path):
     assert [p.task_id for p in problems] == ["add", "problems.jsonl/1"]
     assert problems[0].tests == "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
     completions = [
-        ["```python\nMEMO = {}\n\ndef add(a, b):\n    MEMO[(a, b)] = a + b\n    return MEMO[(a, b)]\n\nprint(add(2, 2))\n```",
-         "def add(a, b):\n    return a - b\n"],
+        [
+            "```python\nMEMO = {}\n\ndef add(a, b):\n    MEMO[(a, b)] = a + b\n"
+            "    return MEMO[(a, b)]\n\nprint(add(2, 2))\n```",
+            "def add(a, b):\n    return a - b\n",
+        ],
         ["    return x * x\n", "    return x + x\n"],
     ]
     report = score_completions(problems, completions, k_values=(1, 2), limits=LIMITS)
@@ -181,4 +193,3 @@ def test_every_canonical_humaneval_solution_passes(humaneval):
     failing = [(p.task_id, p.details) for p in report.problems if p.num_correct != 1]
     assert failing == []
     assert report.pass_at_k["pass@1"] == 1.0
-

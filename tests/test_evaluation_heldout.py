@@ -48,6 +48,7 @@ def tiny_config(model_dir, pooling="last"):
             "sampling": {"context_length": C, "stride": S, "block_length": G, "num_samples": N},
             "features": {"pooling": pooling},
             "reward": {"whitening": "none"},
+            "eval": {"num_samples": N},
         }
     )
 
@@ -91,18 +92,22 @@ def test_heldout_metrics_match_hand_computation(tiny_model_dir, pooling, one_thr
     rollouts = torch.randint(3, 512, (2, N, NB, G), generator=generator)
     requested = []
 
-    def generate(chunks: ChunkBatch) -> RolloutBatch:
+    def generate(chunks: ChunkBatch, num_samples: int) -> RolloutBatch:
+        assert num_samples == N
         requested.append(chunks)
         return RolloutBatch(chunks, rollouts, torch.zeros(rollouts.shape), weight_version=0)
 
     policy = load_causal_lm(str(tiny_model_dir), config, torch.device("cpu"))
-    evaluator = HeldoutEvaluator(config, ChunkBatch(chunk_ids=[5, 9], tokens=docs, step=0))
-    metrics = evaluator.run(
+    evaluator = HeldoutEvaluator(config, ChunkBatch(chunk_ids=[5, 9], tokens=docs, step=0), groups=[0, 7])
+    evaluation = evaluator.run(
         generate,
         FeatureExtractor(tiny_model_dir, config, device="cpu").extract,
         # 16 tokens per forward: one document at a time, so the micro-batching is exercised too.
         lambda tokens: document_cross_entropy(policy, tokens, tokens_per_forward=T),
+        step=4,
     )
+    metrics = evaluation.metrics
+    assert evaluation.step == 4 and evaluation.chunk_ids == [5, 9] and evaluation.groups == [0, 7]
     assert requested[0].chunk_ids == [5, 9] and torch.equal(requested[0].tokens, docs)
 
     reference = reference_model(tiny_model_dir)
@@ -111,7 +116,7 @@ def test_heldout_metrics_match_hand_computation(tiny_model_dir, pooling, one_thr
     assert metrics["eval/full_ce_loss"] == pytest.approx(ce, abs=1e-5)
     assert metrics["eval/full_perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
 
-    squared_distances, alignments, best_alignments = [], [], []
+    squared_distances, unbiased, alignments, best_alignments = [], [], [], []
     for d in range(docs.shape[0]):
         for k in range(NB):
             prefix = docs[d, : C + k * S]
@@ -119,11 +124,19 @@ def test_heldout_metrics_match_hand_computation(tiny_model_dir, pooling, one_thr
             phis = [block_feature(reference, torch.cat([prefix, rollouts[d, j, k]]), G, pooling) for j in range(N)]
             mean_phi = sum(phis) / N
             squared_distances.append(sum((mean_phi[i] - phi_y[i]).item() ** 2 for i in range(len(phi_y))))
+            pairs = [float(phis[a] @ phis[b]) for a in range(N) for b in range(N) if a != b]
+            unbiased.append(
+                sum(pairs) / len(pairs) - 2 * sum(float(p @ phi_y) for p in phis) / N + float(phi_y @ phi_y)
+            )
             group = [2 * cosine(phi, phi_y) for phi in phis]
             alignments.extend(group)
             best_alignments.append(max(group))
-    fm_loss = sum(squared_distances) / len(squared_distances)
-    assert metrics["eval/feature_matching_loss"] == pytest.approx(fm_loss, rel=1e-4)
+    assert metrics["eval/cfm_plugin"] == pytest.approx(sum(squared_distances) / len(squared_distances), rel=1e-4)
+    assert metrics["eval/cfm"] == pytest.approx(sum(unbiased) / len(unbiased), rel=1e-4, abs=1e-6)
+    # Per-chunk values (means over each chunk's blocks) are kept for paired comparisons.
+    per_chunk_cfm = [sum(unbiased[d * NB : (d + 1) * NB]) / NB for d in range(docs.shape[0])]
+    assert evaluation.per_chunk["eval/cfm"] == pytest.approx(per_chunk_cfm, rel=1e-4, abs=1e-6)
+    assert evaluation.per_chunk["eval/full_ce_loss"] == pytest.approx(per_doc_ce, abs=1e-5)
     assert metrics["eval/reward_pass1_gt"] == pytest.approx(sum(alignments) / len(alignments), abs=1e-5)
     assert metrics["eval/reward_passk_gt"] == pytest.approx(sum(best_alignments) / len(best_alignments), abs=1e-5)
 
@@ -225,15 +238,18 @@ def test_ebft_eval_end_to_end_on_smollm2(tmp_path):
 
     translations = tmp_path / "translation.jsonl"
     translations.write_text(
-        json.dumps({"source": "Bonjour le monde.", "reference": "Hello world."}) + "\n"
-        + json.dumps({"source": "Le chat dort.", "reference": "The cat is sleeping."}) + "\n"
+        json.dumps({"source": "Bonjour le monde.", "reference": "Hello world."})
+        + "\n"
+        + json.dumps({"source": "Le chat dort.", "reference": "The cat is sleeping."})
+        + "\n"
     )
     config_file = tmp_path / "eval.yaml"
     config_file.write_text(
         "data:\n  sources: [{path: python_stdlib}]\n  chunk_length: 32\n  heldout_fraction: 0.3\n  max_examples: 30\n"
         "sampling: {context_length: 8, stride: 8, block_length: 8, num_samples: 2}\n"
         "rollout: {kv_cache_gib: 0.25}\n"
-        f"eval: {{num_docs: 3, humaneval_problems: 2, max_new_tokens: 32, translation_file: {translations}}}\n"
+        "eval: {num_docs: 3, num_samples: 3, humaneval_problems: 2, max_new_tokens: 32, "
+        f"translation_file: {translations}}}\n"
     )
     output = tmp_path / "metrics.json"
     model = str(smollm2_path())
@@ -242,13 +258,22 @@ def test_ebft_eval_end_to_end_on_smollm2(tmp_path):
     record = json.loads(output.read_text())
     metrics = record["metrics"]
     assert record["model"] == model and record["feature_model"] == model
-    for name in ("eval/full_ce_loss", "eval/full_perplexity", "eval/feature_matching_loss", "eval/reward_pass1_gt",
-                 "eval/reward_passk_gt", "eval/humaneval/pass@1", "eval/translation/bleu"):
+    for name in (
+        "eval/full_ce_loss",
+        "eval/full_perplexity",
+        "eval/cfm",
+        "eval/cfm_plugin",
+        "eval/reward_pass1_gt",
+        "eval/reward_passk_gt",
+        "eval/humaneval/pass@1",
+        "eval/translation/bleu",
+    ):
         assert math.isfinite(metrics[name]), name
     # A pretrained model predicts Python far better than uniform over its 49,152 tokens (CE 10.8).
     assert 0.0 < metrics["eval/full_ce_loss"] < 6.0
     assert metrics["eval/full_perplexity"] == pytest.approx(math.exp(metrics["eval/full_ce_loss"]))
     assert metrics["eval/reward_pass1_gt"] <= metrics["eval/reward_passk_gt"] <= 2.0
+    assert len(record["per_chunk"]["eval/cfm"]) == len(record["chunk_ids"]) == len(record["groups"]) == 3
     assert metrics["eval/heldout/num_chunks"] == 3 and metrics["eval/humaneval/num_problems"] == 2
     assert sum(v for k, v in metrics.items() if k.startswith("eval/humaneval/outcome/")) == 2
     assert 0.0 <= metrics["eval/humaneval/pass@1"] <= 1.0 and 0.0 <= metrics["eval/translation/bleu"] <= 100.0

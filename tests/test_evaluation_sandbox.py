@@ -61,15 +61,18 @@ def processes_of_uid(uid: int) -> int:
     return total
 
 
-@pytest.mark.parametrize("source,outcome", [
-    ("x = [1, 2]\nassert sum(x) == 3\nprint('ok')\n", Outcome.PASSED),
-    ("assert 1 + 1 == 3, 'arithmetic'\n", Outcome.ASSERTION),
-    ("def f(:\n    pass\n", Outcome.SYNTAX),
-    ("{}['missing']\n", Outcome.RUNTIME),
-    ("import sys\nsys.exit(0)\nassert False\n", Outcome.RUNTIME),  # exiting early is not passing
-    ("import os\nos._exit(0)\n", Outcome.RUNTIME),
-    ("import os\nos.abort()\n", Outcome.CRASHED),
-])
+@pytest.mark.parametrize(
+    "source,outcome",
+    [
+        ("x = [1, 2]\nassert sum(x) == 3\nprint('ok')\n", Outcome.PASSED),
+        ("assert 1 + 1 == 3, 'arithmetic'\n", Outcome.ASSERTION),
+        ("def f(:\n    pass\n", Outcome.SYNTAX),
+        ("{}['missing']\n", Outcome.RUNTIME),
+        ("import sys\nsys.exit(0)\nassert False\n", Outcome.RUNTIME),  # exiting early is not passing
+        ("import os\nos._exit(0)\n", Outcome.RUNTIME),
+        ("import os\nos.abort()\n", Outcome.CRASHED),
+    ],
+)
 def test_verdicts(source, outcome):
     result = run_program(source, LIMITS)
     assert result.outcome is outcome, result
@@ -177,8 +180,10 @@ def test_world_traversable_check():
         os.rmdir(directory)
 
 
-@pytest.mark.skipif(not (SUMMARY["network_and_pid_namespaces"] or SUMMARY["process_cap"] == "cgroup"),
-                    reason="neither a PID namespace nor a cgroup to find escaped processes")
+@pytest.mark.skipif(
+    not (SUMMARY["network_and_pid_namespaces"] or SUMMARY["process_cap"] == "cgroup"),
+    reason="neither a PID namespace nor a cgroup to find escaped processes",
+)
 def test_a_process_that_leaves_the_session_is_killed_too():
     source = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n"
     result = run_program(source, SandboxLimits(timeout_s=10, python_guard=False))
@@ -202,8 +207,10 @@ def assert_nothing_connected(server):
 
 
 def connect_program(port: int) -> str:
-    return (f"import socket\nconnection = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
-            "connection.sendall(b'leak')\n")
+    return (
+        f"import socket\nconnection = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+        "connection.sendall(b'leak')\n"
+    )
 
 
 def test_socket_connection_is_refused(listening_socket):
@@ -240,9 +247,9 @@ def test_each_run_gets_a_fresh_empty_working_directory():
     source = (
         "import os\n"
         "assert os.listdir('.') == ['program.py'], os.listdir('.')\n"
-        "assert os.path.realpath(os.getcwd()) != os.path.realpath({cwd!r})\n"
+        f"assert os.path.realpath(os.getcwd()) != os.path.realpath({os.getcwd()!r})\n"
         "open('left_behind', 'w').write('x')\n"
-    ).format(cwd=os.getcwd())
+    )
     first, second = run_programs([source, source], LIMITS, workers=1)
     assert first.outcome is Outcome.PASSED and second.outcome is Outcome.PASSED, (first, second)
 

@@ -18,7 +18,7 @@ from ebft.evaluation.translation import (
 
 
 def ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def reference_bleu(hypotheses: list[str], references: list[list[str]]) -> float:
@@ -86,8 +86,10 @@ def test_mismatched_inputs_are_rejected():
 
 def test_jsonl_round_trip_and_report(tmp_path):
     path = tmp_path / "wmt.jsonl"
-    rows = [{"source": "le chat est sur le tapis", "reference": "the cat sat on a mat"},
-            {"source": "bonjour", "reference": ["hello there friend", "hi there my friend"]}]
+    rows = [
+        {"source": "le chat est sur le tapis", "reference": "the cat sat on a mat"},
+        {"source": "bonjour", "reference": ["hello there friend", "hi there my friend"]},
+    ]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     examples = load_translation_jsonl(str(path))
     assert examples[0] == TranslationExample("le chat est sur le tapis", ("the cat sat on a mat",))

@@ -13,7 +13,13 @@ from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch
 
 # T=40, C=8, s=4, G=4 -> NB=8 blocks, n=3 samples; the tiny Llama has 4 layers, hidden size 64.
-GEOMETRY = ["data.chunk_length=40", "sampling.context_length=8", "sampling.stride=4", "sampling.block_length=4", "sampling.num_samples=3"]
+GEOMETRY = [
+    "data.chunk_length=40",
+    "sampling.context_length=8",
+    "sampling.stride=4",
+    "sampling.block_length=4",
+    "sampling.num_samples=3",
+]
 TINY_LAYERS = 4
 
 
@@ -81,8 +87,12 @@ def test_token_features_and_pooling_match_a_per_token_loop():
         ("last", "[0.0, 1.0]", 100),  # embeddings and the pre-norm output of the last layer
     ],
 )
-def test_rollout_features_equal_separate_forwards_of_prefix_plus_rollout(tiny_model_dir, pooling, fractions, token_budget):
-    config = make_config(f"features.pooling={pooling}", f"features.layer_fractions={fractions}", f"features.token_budget={token_budget}")
+def test_rollout_features_equal_separate_forwards_of_prefix_plus_rollout(
+    tiny_model_dir, pooling, fractions, token_budget
+):
+    config = make_config(
+        f"features.pooling={pooling}", f"features.layer_fractions={fractions}", f"features.token_budget={token_budget}"
+    )
     extractor = FeatureExtractor(tiny_model_dir, config, device="cpu")
     batch = make_batch(num_docs=2, chunk_ids=[7, 3])
     features = extractor.extract(batch)
@@ -167,7 +177,10 @@ def test_two_workers_on_two_shards_return_the_features_of_one_worker_on_the_whol
 
     batch = make_batch(num_docs=3, seed=4, chunk_ids=[30, 10, 20])
     # As the controller shards a step: shard i to worker i mod N, the rollouts passed by reference.
-    shards = [workers[0].extract.remote(ray.put(documents(batch, 0, 2))), workers[1].extract.remote(documents(batch, 2, 3))]
+    shards = [
+        workers[0].extract.remote(ray.put(documents(batch, 0, 2))),
+        workers[1].extract.remote(documents(batch, 2, 3)),
+    ]
     whole = ray.get(workers[0].extract.remote(batch), timeout=120)
     first, second = ray.get(shards, timeout=120)
     local = FeatureExtractor(tiny_model_dir, config).extract(batch)

@@ -3,7 +3,7 @@
 The reference step shares no code with ebft.learner except compute_rewards for whitened rewards:
 it builds the packed sequence, mask and positions with loops, runs a float64 copy of the model,
 takes its own log-softmax, computes un-whitened rewards and RLOO advantages from the formulas in
-EBFT_METHOD.md section 4, broadcasts them to tokens itself, applies the loss of section 5, and
+docs/method.md section 4, broadcasts them to tokens itself, applies the loss of section 5, and
 steps a torch AdamW with clipping and the warmup schedule.
 """
 
@@ -14,15 +14,15 @@ import math
 import pytest
 import safetensors.torch
 import torch
+from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
 from ebft.config import build_config
+from ebft.layout import BlockPlan
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.batches import prepare_inputs, shard_batches
 from ebft.learner.engine import LearnerRank
 from ebft.learner.rewards import compute_rewards
-from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
 T, C, S_, G, N_SAMPLES, D = 24, 4, 4, 4, 3, 16
@@ -51,7 +51,13 @@ def make_config(**sections):
     raw = {
         "model": {"dtype": "float32"},
         "data": {"chunk_length": T},
-        "sampling": {"context_length": C, "stride": S_, "block_length": G, "num_samples": N_SAMPLES, "temperature": 0.7},
+        "sampling": {
+            "context_length": C,
+            "stride": S_,
+            "block_length": G,
+            "num_samples": N_SAMPLES,
+            "temperature": 0.7,
+        },
         "reward": {"whitening": "none", "diversity_coef": 0.5},
         "loss": {"rl_coef": 1.0, "ce_coef": 0.1},
         "optim": {"lr": 1e-3, "warmup_fraction": 0.0},
@@ -65,7 +71,9 @@ def make_config(**sections):
 
 def make_batch(docs: int, *, seed: int, version: int, first_chunk: int = 0, behavior=None):
     gen = torch.Generator().manual_seed(seed)
-    chunks = ChunkBatch(list(range(first_chunk, first_chunk + docs)), torch.randint(3, 500, (docs, T), generator=gen), step=0)
+    chunks = ChunkBatch(
+        list(range(first_chunk, first_chunk + docs)), torch.randint(3, 500, (docs, T), generator=gen), step=0
+    )
     tokens = torch.randint(3, 500, (docs, N_SAMPLES, NB, G), generator=gen)
     if behavior is None:
         behavior = torch.zeros(docs, N_SAMPLES, NB, G)
@@ -105,7 +113,9 @@ def reference_logprobs(model, doc, rollout, temperature):
     tokens, mask, positions, where = reference_pack(doc, rollout)
     logits = model(input_ids=tokens[None], attention_mask=mask[None, None], position_ids=positions[None]).logits[0]
     logp = torch.log_softmax(logits / temperature, dim=-1)
-    gen = torch.stack([torch.stack([logp[where[k, t][1], tokens[where[k, t][0]]] for t in range(G)]) for k in range(NB)])
+    gen = torch.stack(
+        [torch.stack([logp[where[k, t][1], tokens[where[k, t][0]]] for t in range(G)]) for k in range(NB)]
+    )
     doc_logp = torch.log_softmax(logits[: T - 1], dim=-1)
     nll = -doc_logp.gather(-1, doc[1:, None]).mean()
     return gen, nll
@@ -120,7 +130,13 @@ def reference_advantages(rollout_features, gt_features, config):
         for k in range(NB):
             X, y = rollout_features[i, :, k].double(), gt_features[i, k].double()
             if config.reward.whitening != "none":
-                groups = compute_rewards(X[None].float(), y[None].float(), alignment_coef=a, diversity_coef=d, whitening=config.reward.whitening)
+                groups = compute_rewards(
+                    X[None].float(),
+                    y[None].float(),
+                    alignment_coef=a,
+                    diversity_coef=d,
+                    whitening=config.reward.whitening,
+                )
                 out[i, :, k] = groups.advantages[0].double()
                 continue
             align = torch.stack([2 * torch.dot(X[j], y) / (X[j].norm() * y.norm()) for j in range(n)])
@@ -145,7 +161,11 @@ def reference_loss(model, batches, config, current_version, reference_policy=Non
                 logp, nll = reference_logprobs(model, doc, sample, temperature)
                 weight = torch.ones_like(logp)
                 if stale:
-                    weight = (logp.detach() - rollouts.behavior_logprobs[i, j].double()).exp().clamp(max=loss_cfg.ratio_truncation)
+                    weight = (
+                        (logp.detach() - rollouts.behavior_logprobs[i, j].double())
+                        .exp()
+                        .clamp(max=loss_cfg.ratio_truncation)
+                    )
                 pg_terms.append((weight * advantages[i, j][:, None] * logp).mean())
                 ce_terms.append(nll)
                 if reference_policy is not None:
@@ -173,6 +193,20 @@ def assert_gradients_match(captured: dict[str, torch.Tensor], model, atol=1e-5):
     assert set(captured) == set(expected)
     for name, grad in expected.items():
         torch.testing.assert_close(captured[name].double(), grad, atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def reference_update(model, optimizer, lr: float, grad_clip: float) -> None:
+    """Clip to the global norm, then AdamW at the warmed-up LR."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+
+
+def assert_weights_match(learner, model, atol=2e-5):
+    updated = safetensors.torch.load(learner.export_weights().safetensors)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(updated[name].double(), p.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 # ----------------------------------------------------------------------------- tests
@@ -206,22 +240,54 @@ def test_step_equals_plain_pytorch_reference(tiny_model_dir, stage, checkpointin
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
         assert metrics["train/grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5) and grad_norm > 0.05
         assert metrics["train/lr"] == pytest.approx(lr)
-        # The update: clip to the global norm, AdamW at the warmed-up LR (two steps, so Adam sees the clipping).
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-    updated = safetensors.torch.load(learner.export_weights().safetensors)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(updated[name].double(), p.detach(), atol=2e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        reference_update(model, optimizer, lr, config.optim.grad_clip)
+    assert_weights_match(learner, model)
     assert metrics["train/weight_version"] == 2 and learner.weight_version == 2
+    learner.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3], ids=["zero0", "zero2", "zero3"])
+def test_sft_step_equals_a_plain_pytorch_cross_entropy_step(tiny_model_dir, stage):
+    """training.method=sft: token-mean CE of the documents, same micro-batches, clipping, schedule and AdamW."""
+    config = make_config(
+        training={"method": "sft", "docs_per_step": 4, "steps": 10},
+        learner={"zero_stage": stage},
+        optim={"grad_clip": 0.05, "weight_decay": 0.1, "warmup_fraction": 0.2},
+    )
+    learner = LearnerRank(config, tiny_model_dir)
+    model = float64_model(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=config.optim.betas, weight_decay=0.1)
+    for version, lr in enumerate([5e-4, 1e-3]):
+        gen = torch.Generator().manual_seed(100 + version)
+        chunks = [
+            ChunkBatch([0, 1], torch.randint(3, 500, (2, T), generator=gen), 0),
+            ChunkBatch([2, 3], torch.randint(3, 500, (2, T), generator=gen), 0),
+        ]
+        metrics = learner.sft_step(chunks, current_version=version)
+
+        optimizer.zero_grad()
+        nlls = []
+        for doc in torch.cat([c.tokens for c in chunks]):
+            logp = torch.log_softmax(model(input_ids=doc[None]).logits[0, : T - 1], dim=-1)
+            nlls.append(-sum(logp[i, doc[i + 1]] for i in range(T - 1)) / (T - 1))
+        loss = torch.stack(nlls).mean()
+        loss.backward()
+        assert metrics["train/ce_loss"] == pytest.approx(loss.item(), abs=1e-5)
+        assert metrics["train/lr"] == pytest.approx(lr)
+        reference_update(model, optimizer, lr, config.optim.grad_clip)
+    assert_weights_match(learner, model)
+    assert metrics["train/weight_version"] == 2 and "train/policy_loss" not in metrics
+    with pytest.raises(ValueError, match="needs \\[4, 24\\]"):
+        learner.sft_step(chunks[:1], current_version=2)
     learner.close()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_stale_rollouts_kl_and_whitening_match_reference(tiny_model_dir, stage):
-    """Second step: one fresh batch and one stale batch (truncated ratio), KL to the initial policy, whitened rewards."""
+    """Second step: one fresh batch and one stale batch (truncated ratio), KL to the initial policy,
+    whitened rewards."""
     config = make_config(
         reward={"whitening": "sample"},
         loss={"kl_coef": 0.2, "ratio_truncation": 1.05},
@@ -241,9 +307,19 @@ def test_stale_rollouts_kl_and_whitening_match_reference(tiny_model_dir, stage):
     stale = make_batch(2, seed=12, version=0, first_chunk=200)
     with torch.no_grad():  # behavior log-probs: the current ones perturbed, so ratios spread around 1
         true = torch.stack(
-            [torch.stack([reference_logprobs(model, stale[0].chunks.tokens[i], stale[0].tokens[i, j], 0.7)[0] for j in range(N_SAMPLES)]) for i in range(2)]
+            [
+                torch.stack(
+                    [
+                        reference_logprobs(model, stale[0].chunks.tokens[i], stale[0].tokens[i, j], 0.7)[0]
+                        for j in range(N_SAMPLES)
+                    ]
+                )
+                for i in range(2)
+            ]
         )
-    stale[0].behavior_logprobs = (true + 0.1 * torch.randn(true.shape, generator=torch.Generator().manual_seed(0))).float()
+    stale[0].behavior_logprobs = (
+        true + 0.1 * torch.randn(true.shape, generator=torch.Generator().manual_seed(0))
+    ).float()
 
     metrics = learner.train_step([fresh[0], stale[0]], [fresh[1], stale[1]], current_version=1, capture_gradients=True)
     loss, policy_loss, _ = reference_loss(model, [fresh, stale], config, current_version=1, reference_policy=initial)
@@ -251,7 +327,9 @@ def test_stale_rollouts_kl_and_whitening_match_reference(tiny_model_dir, stage):
     assert metrics["train/loss"] == pytest.approx(loss.item(), abs=1e-5)
     assert metrics["train/policy_loss"] == pytest.approx(float(policy_loss), abs=1e-5)
     assert metrics["train/kl"] > 0 and metrics["train/stale_fraction"] == 0.5
-    assert 0 < metrics["train/truncated_fraction"] < 0.5 and metrics["train/importance_weight_max"] == pytest.approx(1.05)
+    assert 0 < metrics["train/truncated_fraction"] < 0.5 and metrics["train/importance_weight_max"] == pytest.approx(
+        1.05
+    )
     assert_gradients_match(learner.captured_gradients, model)
     learner.close()
 
@@ -262,9 +340,13 @@ def test_batches_are_validated_and_sharded():
     a, b = make_batch(3, seed=0, version=2), make_batch(1, seed=1, version=2, first_chunk=3)
     shards = shard_batches([a[0], b[0]], [a[1], b[1]], 2)
     assert [[r.chunks.chunk_ids for r in rs] for rs, _ in shards] == [[[0, 1]], [[2], [3]]]
-    assert torch.equal(shards[1][0][0].tokens, a[0].tokens[2:]) and torch.equal(shards[1][1][1].gt_features, b[1].gt_features)
+    assert torch.equal(shards[1][0][0].tokens, a[0].tokens[2:]) and torch.equal(
+        shards[1][1][1].gt_features, b[1].gt_features
+    )
     inputs = prepare_inputs([a[0]], [a[1]], 2, config, plan)
-    expected = compute_rewards(a[1].rollout_features[1, :, 3], a[1].gt_features[1, 3], diversity_coef=0.5, whitening="none")
+    expected = compute_rewards(
+        a[1].rollout_features[1, :, 3], a[1].gt_features[1, 3], diversity_coef=0.5, whitening="none"
+    )
     torch.testing.assert_close(inputs.advantages[1, :, 3], expected.advantages)
     with pytest.raises(ValueError, match="max_staleness"):
         prepare_inputs([a[0]], [a[1]], 3, config, plan)
@@ -285,7 +367,7 @@ def test_training_loss_falls_in_bf16_zero2_with_checkpointing(tiny_model_dir):
     learner = LearnerRank(config, tiny_model_dir)
     rollouts, features = make_batch(4, seed=3, version=0)
     history = []
-    for step in range(6):
+    for _ in range(6):
         rollouts.weight_version = learner.weight_version  # the same batch, always fresh
         history.append(learner.train_step([rollouts], [features], current_version=learner.weight_version))
     losses = [m["train/loss"] for m in history]
@@ -293,7 +375,10 @@ def test_training_loss_falls_in_bf16_zero2_with_checkpointing(tiny_model_dir):
     assert history[-1]["train/ce_loss"] < history[0]["train/ce_loss"]
     assert [m["train/lr"] for m in history[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])  # 2 warmup steps
     assert [m["train/weight_version"] for m in history] == [1, 2, 3, 4, 5, 6]
-    assert all(math.isfinite(m["train/grad_norm"]) and m["train/grad_norm"] > 0 and m["train/tokens_per_s"] > 0 for m in history)
+    assert all(
+        math.isfinite(m["train/grad_norm"]) and m["train/grad_norm"] > 0 and m["train/tokens_per_s"] > 0
+        for m in history
+    )
     update = learner.export_weights()
     tensors = safetensors.torch.load(update.safetensors)
     assert update.version == 6 and tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
@@ -310,12 +395,17 @@ def test_checkpoint_is_atomic_keeps_last_k_and_resumes_exactly(tiny_model_dir, t
         learner.train_step([r], [f], current_version=i)
         learner.save_checkpoint(ckpt.checkpoint_path(tmp_path, i + 1), {"data_position": 4 * (i + 1)})
     (tmp_path / ".step_00000009.tmp").mkdir()  # an interrupted save is ignored
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "step_00000002",
+        "step_00000003",
+    ]
     assert ckpt.latest_checkpoint(tmp_path) == ckpt.checkpoint_path(tmp_path, 3)
 
     # The HF folder reloads into transformers with the learner's exact weights and logits.
     final = safetensors.torch.load(learner.export_weights().safetensors)
-    reloaded = AutoModelForCausalLM.from_pretrained(ckpt.latest_checkpoint(tmp_path), dtype=torch.bfloat16, attn_implementation="sdpa")
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        ckpt.latest_checkpoint(tmp_path), dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
     assert all(torch.equal(reloaded.state_dict()[name], tensor) for name, tensor in final.items())
     assert final["model.embed_tokens.weight"].dtype == torch.bfloat16
     tokens = batches[0][0].chunks.tokens[:2]
@@ -394,7 +484,12 @@ def test_checkpoint_and_weight_updates_load_into_a_rollout_worker(vllm_tiny_tied
                 model = float64_model(vllm_tiny_tied_model_dir, learner.export_weights().safetensors)
                 return torch.stack(
                     [
-                        torch.stack([reference_logprobs(model, chunks.tokens[i], rollouts.tokens[i, j], 0.7)[0] for j in range(N_SAMPLES)])
+                        torch.stack(
+                            [
+                                reference_logprobs(model, chunks.tokens[i], rollouts.tokens[i, j], 0.7)[0]
+                                for j in range(N_SAMPLES)
+                            ]
+                        )
                         for i in range(2)
                     ]
                 )
@@ -420,7 +515,9 @@ def test_group_pushes_weights_from_rank_0_to_rollout_actors(vllm_tiny_tied_model
     from ebft.learner.group import LearnerGroup
 
     config = make_config(rollout={"kv_cache_gib": 0.05}, learner={"zero_stage": 3})
-    actor = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(config, str(vllm_tiny_tied_model_dir), enforce_eager=True)
+    actor = ray_cluster.remote(num_cpus=1)(RolloutWorker).remote(
+        config, str(vllm_tiny_tied_model_dir), enforce_eager=True
+    )
     try:
         with LearnerGroup(config, vllm_tiny_tied_model_dir) as group:
             group.connect_weight_receivers([actor])
@@ -433,7 +530,9 @@ def test_group_pushes_weights_from_rank_0_to_rollout_actors(vllm_tiny_tied_model
         assert sampled.weight_version == 1
         model = float64_model(vllm_tiny_tied_model_dir, weights)
         with torch.no_grad():
-            expected = torch.stack([reference_logprobs(model, chunks.tokens[0], sampled.tokens[0, j], 0.7)[0] for j in range(N_SAMPLES)])
+            expected = torch.stack(
+                [reference_logprobs(model, chunks.tokens[0], sampled.tokens[0, j], 0.7)[0] for j in range(N_SAMPLES)]
+            )
         torch.testing.assert_close(sampled.behavior_logprobs[0].double(), expected, atol=2e-5, rtol=0)
     finally:
         ray_cluster.kill(actor)

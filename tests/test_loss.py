@@ -90,7 +90,16 @@ def test_policy_loss_weights_and_gradient():
     advantages = torch.randn(B, NB, dtype=torch.float64)
     stale = torch.tensor([False, True, True])
     ce = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
-    terms = ebft_loss(logprobs, advantages, ce, rl_coef=1.0, ce_coef=0.1, behavior_logprobs=behavior, stale=stale, ratio_truncation=1.5)
+    terms = ebft_loss(
+        logprobs,
+        advantages,
+        ce,
+        rl_coef=1.0,
+        ce_coef=0.1,
+        behavior_logprobs=behavior,
+        stale=stale,
+        ratio_truncation=1.5,
+    )
     want = reference_policy_loss(logprobs.detach(), advantages, behavior, stale, 1.5)
     assert math.isclose(terms.policy_loss.item(), want, rel_tol=1e-12)
     assert math.isclose(terms.loss.item(), want + 0.1 * 3.0, rel_tol=1e-12)
@@ -103,14 +112,25 @@ def test_policy_loss_weights_and_gradient():
 def test_fresh_rollouts_have_importance_weight_exactly_one():
     logprobs = -torch.rand(2, 3, 4)
     behavior = logprobs + 0.3  # the sampler's numerics differ; fresh rollouts must ignore that
-    terms = ebft_loss(logprobs, torch.randn(2, 3), torch.zeros(2), rl_coef=1.0, ce_coef=0.0, behavior_logprobs=behavior, stale=torch.tensor([False, False]))
+    terms = ebft_loss(
+        logprobs,
+        torch.randn(2, 3),
+        torch.zeros(2),
+        rl_coef=1.0,
+        ce_coef=0.0,
+        behavior_logprobs=behavior,
+        stale=torch.tensor([False, False]),
+    )
     assert terms.importance_weight_mean.item() == 1.0 and terms.importance_weight_max.item() == 1.0
 
 
 def test_kl_term_is_the_k3_estimator():
     logprobs = -torch.rand(1, 2, 3, dtype=torch.float64)
     ref = -torch.rand(1, 2, 3, dtype=torch.float64)
-    terms = ebft_loss(logprobs, torch.zeros(1, 2), torch.zeros(1), rl_coef=1.0, ce_coef=0.0, kl_coef=0.5, ref_logprobs=ref)
-    want = sum(math.exp(r - l) - (r - l) - 1 for r, l in zip(ref.flatten().tolist(), logprobs.flatten().tolist())) / 6
+    terms = ebft_loss(
+        logprobs, torch.zeros(1, 2), torch.zeros(1), rl_coef=1.0, ce_coef=0.0, kl_coef=0.5, ref_logprobs=ref
+    )
+    pairs = zip(ref.flatten().tolist(), logprobs.flatten().tolist())
+    want = sum(math.exp(r - lp) - (r - lp) - 1 for r, lp in pairs) / 6
     assert math.isclose(terms.kl.item(), want, rel_tol=1e-12)
     assert math.isclose(terms.loss.item(), 0.5 * want, rel_tol=1e-12)

@@ -122,7 +122,10 @@ def test_real_smollm2_conversion_loads_and_answers():
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = "def greet(name):\n    return f'Hello, {name}!'  # ünïcode\n"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
-    assert tokenizer(text, add_special_tokens=False)["input_ids"] == models.smollm2_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert (
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+        == models.smollm2_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    )
 
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 30

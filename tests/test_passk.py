@@ -23,7 +23,9 @@ def test_matches_enumeration_of_all_subsets(n):
             assert pass_at_k(n, c, k) == pytest.approx(fraction_of_subsets_with_a_correct_sample(n, c, k), abs=1e-12)
 
 
-@pytest.mark.parametrize("n,c,k", [(200, 13, 1), (200, 13, 10), (200, 13, 100), (1000, 1, 500), (50, 0, 7), (50, 50, 7)])
+@pytest.mark.parametrize(
+    "n,c,k", [(200, 13, 1), (200, 13, 10), (200, 13, 100), (1000, 1, 500), (50, 0, 7), (50, 50, 7)]
+)
 def test_matches_binomial_closed_form_for_large_n(n, c, k):
     expected = 1 - math.comb(n - c, k) / math.comb(n, k)  # exact integers, then one division
     assert pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -1,4 +1,4 @@
-"""compute_rewards against a float64, plain-loop, SVD-based reading of EBFT_METHOD.md section 4."""
+"""compute_rewards against a float64, plain-loop, SVD-based reading of docs/method.md section 4."""
 
 import itertools
 
@@ -72,7 +72,9 @@ def test_duplicate_pair_at_n4_gives_the_published_diversity(whitening, expected)
     out = compute_rewards(X, torch.randn(48), whitening=whitening)
     torch.testing.assert_close(out.diversity, torch.tensor([expected, expected, 0.0, 0.0]), atol=1e-4, rtol=0)
     ref = reference_group(X.numpy(), torch.zeros(48).numpy() + 1, whitening, 1.0, 1.0)
-    np.testing.assert_allclose(compute_rewards(X, torch.ones(48), whitening=whitening).diversity.numpy(), ref[1], atol=1e-4)
+    np.testing.assert_allclose(
+        compute_rewards(X, torch.ones(48), whitening=whitening).diversity.numpy(), ref[1], atol=1e-4
+    )
 
 
 def test_baseline_of_a_sample_ignores_that_sample():
@@ -125,7 +127,9 @@ def test_reinforce_with_diversity_coef_1_is_unbiased_for_the_cfm_gradient(divers
 
     p = probs.detach()
     samples = torch.multinomial(p.expand(groups, K), n, replacement=True)  # [groups, n]
-    out = compute_rewards(phi[samples].float(), phi_y.float().expand(groups, D), diversity_coef=diversity_coef, whitening="none")
+    out = compute_rewards(
+        phi[samples].float(), phi_y.float().expand(groups, D), diversity_coef=diversity_coef, whitening="none"
+    )
     score = torch.nn.functional.one_hot(samples, K).double() - p  # d log p(y) / d logits
     per_group = (out.advantages.double().unsqueeze(-1) * score).mean(1)  # [groups, K]
     estimate, stderr = -per_group.mean(0), per_group.std(0) / groups**0.5  # descent direction -> loss gradient

@@ -10,14 +10,13 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_VOCAB, make_tiny_llama, transformers_greedy
 
 from ebft.actors.rollout import RolloutWorker, block_seed
 from ebft.config import build_config
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch
 from ebft.weight_transport import ObjectStoreWeightSender, state_dict_to_update
-
-from conftest import TINY_VOCAB, make_tiny_llama, transformers_greedy
 
 T, G, N, TEMPERATURE = 64, 8, 4, 0.6
 
@@ -45,8 +44,13 @@ def config(model_dir):
         {
             "model": {"policy": str(model_dir), "dtype": "float32"},
             "data": {"chunk_length": T},
-            "sampling": {"context_length": 8, "stride": 8, "block_length": G, "num_samples": N,
-                         "temperature": TEMPERATURE},
+            "sampling": {
+                "context_length": 8,
+                "stride": 8,
+                "block_length": G,
+                "num_samples": N,
+                "temperature": TEMPERATURE,
+            },
             "rollout": {"kv_cache_gib": 0.25},
             "training": {"seed": 1234},
         }

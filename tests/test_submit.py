@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_run_config
+
 from ebft.cluster.submit import submit
 
 pytestmark = pytest.mark.slow
@@ -30,9 +30,22 @@ def ray_head(monkeypatch):
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"],
-        check=True, env=env, capture_output=True, timeout=180,
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=180,
     )
     # The head may require token authentication; the client then must ask for it.
     monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "token"))
@@ -43,7 +56,9 @@ def ray_head(monkeypatch):
 def test_submitted_tiny_job_trains_and_ray_job_stop_checkpoints_it(ray_head, tiny_model_with_tokenizer, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    config = tiny_run_config(tiny_model_with_tokenizer, tmp_path / "run", data={"max_examples": 8, "heldout_fraction": 0.0})
+    config = tiny_run_config(
+        tiny_model_with_tokenizer, tmp_path / "run", data={"max_examples": 8, "heldout_fraction": 0.0}
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     job_id = submit(str(path), ["training.steps=50"], address=ray_head)  # the override is what runs
@@ -51,7 +66,9 @@ def test_submitted_tiny_job_trains_and_ray_job_stop_checkpoints_it(ray_head, tin
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and not (metrics.exists() and "train/policy_loss" in metrics.read_text()):
-        assert client.get_job_status(job_id) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(job_id)[-4000:]
+        assert client.get_job_status(job_id) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(job_id)[
+            -4000:
+        ]
         time.sleep(1)
     assert client.stop_job(job_id)  # SIGTERM: the job finishes its step and saves a checkpoint
     while time.time() < deadline and not client.get_job_status(job_id).is_terminal():

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from conftest import transformers_greedy
+
 from ebft.config import build_config
 from ebft.weight_transport import (
     NCCL,
@@ -42,8 +42,15 @@ def test_tied_embeddings_travel_once_under_the_embedding_name():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True)
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
     )
     state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
@@ -97,7 +104,9 @@ class FakeReceiver:
         self.version = 0
         for name in ("weight_transfer_world_size", "init_weight_transfer", "receive_weight_broadcast"):
             method = getattr(self, "_" + name)
-            setattr(self, name, type("Remote", (), {"remote": staticmethod(lambda *a, m=method: self.pool.submit(m, *a))}))
+            setattr(
+                self, name, type("Remote", (), {"remote": staticmethod(lambda *a, m=method: self.pool.submit(m, *a))})
+            )
 
     def _weight_transfer_world_size(self):
         return self.size
@@ -130,8 +139,9 @@ def make_sender(receivers):
         groups.append((address, port, world_size))
         return FakeGroup(receivers)
 
-    sender = NcclWeightSender(receivers, master_address="10.0.0.1", master_port=29555, packed=False,
-                              wait=wait_all, open_group=open_group)
+    sender = NcclWeightSender(
+        receivers, master_address="10.0.0.1", master_port=29555, packed=False, wait=wait_all, open_group=open_group
+    )
     return sender, groups
 
 

@@ -55,7 +55,9 @@ def create_rollout_actor(config, model_path: str, placement_group=None, bundle_i
     return ray.remote(RolloutWorker).options(**options).remote(config, model_path, **worker_options)
 
 
-def create_rollout_actors(config, model_path: str, placement_group=None, bundle_offset: int = 0, **worker_options: Any) -> list:
+def create_rollout_actors(
+    config, model_path: str, placement_group=None, bundle_offset: int = 0, **worker_options: Any
+) -> list:
     """`resources.rollout.num_actors` rollout actors; actor i in bundle `bundle_offset + i`."""
     return [
         create_rollout_actor(config, model_path, placement_group, bundle_offset + index, **worker_options)

@@ -4,7 +4,7 @@
 in a Ray actor. A Ray actor runs one method at a time, so a weight update submitted while `generate`
 runs waits for it: a chunk batch is always sampled, start to finish, by one weight version.
 
-Generation follows EBFT's strided block-parallel sampling (EBFT_METHOD.md section 2): for each chunk,
+Generation follows EBFT's strided block-parallel sampling (docs/method.md section 2): for each chunk,
 the NB nested prefixes doc[:C + k*s] are ordinary prompts with n samples of exactly G tokens (no EOS
 stop); prefix caching lets all prefixes of a chunk share their KV. Each block's sampling seed is a
 hash of (run seed, step, chunk id, block), so a resumed run samples the same tokens.
@@ -29,7 +29,6 @@ from ebft.weight_transport import (
     load_update_into_engine,
     receive_weight_broadcast,
 )
-
 
 GIB = 1 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -138,13 +137,13 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ rollouts
 
-    def _block_params(self, seed: int):
+    def _block_params(self, seed: int, num_samples: int):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         s = self.config.sampling
         return SamplingParams(
-            n=s.num_samples,
+            n=num_samples,
             temperature=s.temperature,
             top_p=s.top_p,
             # Exactly G tokens: no stop at EOS. Not min_tokens=G: it would mask EOS out of the sampling
@@ -158,11 +157,12 @@ class RolloutWorker:
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
-    def generate(self, chunks: ChunkBatch) -> RolloutBatch:
-        """n samples of exactly G tokens at every block of every chunk, all from the current weights."""
+    def generate(self, chunks: ChunkBatch, num_samples: int | None = None) -> RolloutBatch:
+        """n samples (sampling.num_samples unless given) of exactly G tokens at every block of every chunk,
+        all from the current weights."""
         from vllm.inputs import TokensPrompt
 
-        plan, s = self.plan, self.config.sampling
+        plan, n = self.plan, num_samples or self.config.sampling.num_samples
         docs = torch.as_tensor(chunks.tokens)
         if docs.ndim != 2 or docs.shape[1] != plan.chunk_length:
             raise ValueError(f"chunk tokens must be [docs, T={plan.chunk_length}], got {tuple(docs.shape)}")
@@ -174,10 +174,11 @@ class RolloutWorker:
         for chunk_id, doc in zip(chunks.chunk_ids, docs.tolist()):
             for block, length in enumerate(prefix_lengths):
                 prompts.append(TokensPrompt(prompt_token_ids=doc[:length]))
-                params.append(self._block_params(block_seed(self.config.training.seed, chunks.step, chunk_id, block)))
+                seed = block_seed(self.config.training.seed, chunks.step, chunk_id, block)
+                params.append(self._block_params(seed, n))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
 
-        num_docs, n, NB, G = docs.shape[0], s.num_samples, plan.num_blocks, plan.block_length
+        num_docs, NB, G = docs.shape[0], plan.num_blocks, plan.block_length
         tokens = torch.empty(num_docs, n, NB, G, dtype=torch.int64)
         logprobs = torch.empty(num_docs, n, NB, G, dtype=torch.float32)
         versions: set[str] = set()

@@ -1,11 +1,17 @@
 """The EBFT controller: the training loop, reading as the algorithm.
 
+    evaluate the starting weights                                       (held-out evaluation)
     for every step:
         take the step's document chunks
         sample n rollouts of G tokens at every block of every chunk     (rollout actors, vLLM)
         embed the rollouts and the ground truth                         (feature workers)
         advantages, loss and one optimizer step                         (learner)
         push the new weights to the rollout actors                      (weight transport)
+        every eval.every steps: evaluate; every checkpoint.every steps: save
+    evaluate and save the final weights
+
+With training.method = sft the same loop trains cross-entropy on the same chunks: nothing is
+sampled or embedded, and weights reach the rollout actors only when an evaluation needs them.
 
 With training.max_staleness = k, the rollouts of steps t+1..t+k are generated while step t trains
 (at most k + 1 steps in flight); k = 0 is synchronous on-policy EBFT. Each step's chunks are cut
@@ -17,9 +23,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
@@ -43,6 +50,7 @@ class Shard:
 @dataclass
 class ScheduledStep:
     step: int
+    chunks: ChunkBatch
     shards: list[Shard]
     resume_state: dict[str, Any]
     """The data stream's state right after this step's chunks were drawn: where a run resumes once it trained."""
@@ -67,6 +75,10 @@ class Controller:
     step: int = 0
     version: int = 0
     on_step: Callable[[StepResult], None] = lambda result: None
+    evaluate: Callable[[int], None] | None = None
+    """Held-out evaluation of the current weights at a step (None: never)."""
+    save: Callable[[int, dict[str, Any]], None] | None = None
+    """Checkpoint of the current weights with the data position after that step (None: never)."""
     trained_chunk_ids: list[int] = field(default_factory=list)
     restarts: int = 0
     stop_requested: bool = False
@@ -74,16 +86,20 @@ class Controller:
     resume_state: dict[str, Any] | None = None
     """The data position after the last trained step: what a checkpoint saves."""
     _weights: ray.ObjectRef | None = None
+    _engine_version: int = 0
+    """The weight version the rollout actors hold."""
 
     def run(self) -> None:
-        last = self.config.training.steps
+        last, started_at = self.config.training.steps, self.step
         if self.resume_state is None:
             self.resume_state = self.stream.state_dict()
-        if self.version > 0:
-            self.push_weights()  # resumed: the engines start from the base weights
+        if self.step == 0 and self.config.eval.at_start:
+            self.evaluate_now()
         in_flight: deque[ScheduledStep] = deque()
         next_step = self.step
         while self.step < last and not self.stop_requested:
+            if self.ebft:
+                self.sync_weights()  # resumed: the engines start from the base weights
             while len(in_flight) <= self.config.training.max_staleness and next_step < last:
                 in_flight.append(self.schedule(next_step))  # generation starts now, features follow
                 next_step += 1
@@ -92,33 +108,60 @@ class Controller:
             with timed(timings, "waiting"):
                 rollouts, features = self.collect(work)
             with timed(timings, "train"):
-                metrics = self.learner.train_step(rollouts, features, self.version)
+                if self.ebft:
+                    metrics = self.learner.train_step(rollouts, features, self.version)
+                else:
+                    metrics = self.learner.sft_step([work.chunks], self.version)
             self.version += 1
             with timed(timings, "weight_sync"):
-                self.push_weights()
+                if self.ebft:
+                    self.sync_weights()
             self.finish_step(work, rollouts, features, metrics, timings)
+            if self.due(self.config.eval.every) and self.step < last:
+                self.evaluate_now()
+            if self.due(self.config.checkpoint.every) and self.step < last:
+                self.save_now()
+        if self.step == last and self.step > started_at:
+            self.evaluate_now()
+        if self.step > started_at:
+            self.save_now()
 
     def finish_step(self, work, rollouts, features, metrics, timings) -> None:
         metrics.update({f"timing/{phase}": seconds for phase, seconds in timings.items()})
-        metrics["timing/generate"] = sum(r.elapsed_s for r in rollouts)
-        metrics["timing/features"] = sum(f.elapsed_s for f in features)
-        metrics["train/staleness_max"] = max(self.version - 1 - r.weight_version for r in rollouts)
-        self.trained_chunk_ids.extend(cid for r in rollouts for cid in r.chunks.chunk_ids)
+        if self.ebft:
+            metrics["timing/generate"] = sum(r.elapsed_s for r in rollouts)
+            metrics["timing/features"] = sum(f.elapsed_s for f in features)
+            metrics["train/staleness_max"] = max(self.version - 1 - r.weight_version for r in rollouts)
+        self.trained_chunk_ids.extend(work.chunks.chunk_ids)
         self.step += 1
         self.resume_state = work.resume_state
         self.on_step(StepResult(work.step, metrics, rollouts, features, work.resume_state))
+
+    def due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def evaluate_now(self) -> None:
+        if self.evaluate is not None:
+            self.sync_weights()
+            self.evaluate(self.step)
+
+    def save_now(self) -> None:
+        if self.save is not None:
+            self.save(self.step, self.resume_state)
 
     # ------------------------------------------------------------------ stages
 
     def schedule(self, step: int) -> ScheduledStep:
         chunks = self.stream.next_batch(self.config.training.docs_per_step, step=step)
+        if not self.ebft:
+            return ScheduledStep(step, chunks, [], self.stream.state_dict())
         shards = [
             Shard(part, rollout_actor=i % len(self.rollout_pool), feature_worker=i % len(self.feature_pool))
             for i, part in enumerate(split_chunks(chunks, max(len(self.rollout_pool), len(self.feature_pool))))
         ]
         for shard in shards:
             self.generate(shard)
-        return ScheduledStep(step, shards, self.stream.state_dict())
+        return ScheduledStep(step, chunks, shards, self.stream.state_dict())
 
     def generate(self, shard: Shard) -> None:
         shard.rollout_handle = self.rollout_pool[shard.rollout_actor]
@@ -160,7 +203,13 @@ class Controller:
                 break
         return rollouts, features
 
+    def sync_weights(self) -> None:
+        """Bring the rollout actors to the learner's weight version, if they are behind."""
+        if self._engine_version != self.version:
+            self.push_weights()
+
     def push_weights(self) -> None:
+        self._engine_version = self.version
         if self.nccl:
             self.learner.push_weights()  # a collective broadcast: every engine takes part at once
             return
@@ -182,6 +231,10 @@ class Controller:
             self.rollout_pool[index].update_weights.remote(self._weights)
 
     @property
+    def ebft(self) -> bool:
+        return self.config.training.method == "ebft"
+
+    @property
     def nccl(self) -> bool:
         return choose_transport(self.config) == NCCL
 
@@ -198,7 +251,5 @@ def split_chunks(chunks: ChunkBatch, parts: int) -> list[ChunkBatch]:
     docs = len(chunks.chunk_ids)
     bounds = [round(i * docs / parts) for i in range(parts + 1)]
     return [
-        ChunkBatch(chunks.chunk_ids[a:b], chunks.tokens[a:b], chunks.step)
-        for a, b in zip(bounds, bounds[1:])
-        if b > a
+        ChunkBatch(chunks.chunk_ids[a:b], chunks.tokens[a:b], chunks.step) for a, b in zip(bounds, bounds[1:]) if b > a
     ]

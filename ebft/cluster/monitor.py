@@ -15,14 +15,16 @@ from ebft.config import Config
 
 log = logging.getLogger(__name__)
 
-CONSOLE_METRICS = ("train/reward", "train/gt_reward", "train/ce_loss", "eval/full_ce_loss", "eval/feature_matching_loss")
+CONSOLE_METRICS = ("train/reward", "train/cfm", "train/ce_loss", "eval/full_ce_loss", "eval/cfm")
 PLOTTED = (
     "train/gt_reward",
     "train/diversity_reward",
+    "train/cfm",
     "train/policy_loss",
     "train/ce_loss",
     "eval/full_ce_loss",
-    "eval/feature_matching_loss",
+    "eval/cfm",
+    "eval/cfm_plugin",
     "eval/humaneval/pass@1",
 )
 
@@ -34,12 +36,14 @@ class Monitor:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         if resumed and self.metrics_path.exists():
-            self.history = [r for r in map(json.loads, self.metrics_path.read_text().splitlines()) if r["step"] < start_step]
+            self.history = [
+                r for r in map(json.loads, self.metrics_path.read_text().splitlines()) if r["step"] < start_step
+            ]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         self.wandb = self._start_wandb(resumed)
         self.console = Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]EBFT"),
+            TextColumn(f"[bold]{config.training.method.upper()}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -78,10 +82,12 @@ class Monitor:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record)
-        shown = "  ".join(
-            f"{name.split('/', 1)[1]}={record[name]:.4g}" for name in CONSOLE_METRICS if name in record
-        )
+        shown = "  ".join(f"{name.split('/', 1)[1]}={record[name]:.4g}" for name in CONSOLE_METRICS if name in record)
         self.progress.update(self.task, completed=min(step + 1, self.config.training.steps), description=shown)
+
+    def status(self, text: str) -> None:
+        """Say on the progress line what the run is doing between steps (e.g. evaluating)."""
+        self.progress.update(self.task, description=text)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         if self.wandb is None or not rows:
@@ -89,7 +95,9 @@ class Monitor:
         import wandb
 
         columns = list(rows[0])
-        self.wandb.log({"step": step, "samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+        self.wandb.log(
+            {"step": step, "samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}
+        )
 
     def plot(self) -> Path | None:
         import matplotlib
@@ -97,11 +105,19 @@ class Monitor:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        series = {name: [(r["step"], r[name]) for r in self.history if name in r and math.isfinite(r[name])] for name in PLOTTED}
+        series = {
+            name: [(r["step"], r[name]) for r in self.history if name in r and math.isfinite(r[name])]
+            for name in PLOTTED
+        }
         series = {name: points for name, points in series.items() if points}
         if not series:
             return None
-        fig, axes = plt.subplots(math.ceil(len(series) / 3), min(3, len(series)), figsize=(12, 3.2 * math.ceil(len(series) / 3)), squeeze=False)
+        fig, axes = plt.subplots(
+            math.ceil(len(series) / 3),
+            min(3, len(series)),
+            figsize=(12, 3.2 * math.ceil(len(series) / 3)),
+            squeeze=False,
+        )
         for ax, (name, points) in zip(axes.flat, series.items()):
             ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
             ax.set_title(name)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from ebft.evaluation.heldout import paired_differences
+
 SHOWN = (
     ("eval/full_ce_loss", "held-out CE"),
-    ("eval/full_perplexity", "held-out perplexity"),
-    ("eval/feature_matching_loss", "held-out feature-matching loss"),
+    ("eval/cfm", "held-out CFM (unbiased)"),
+    ("eval/cfm_plugin", "held-out CFM, plug-in (+tr Cov/n)"),
     ("eval/reward_pass1_gt", "alignment reward pass@1"),
     ("eval/humaneval/pass@1", "HumanEval pass@1"),
 )
@@ -16,22 +18,46 @@ SHOWN = (
 
 def print_summary(summary, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"EBFT run: {summary.steps} steps", show_header=True)
+    first, last = summary.first_eval, summary.last_eval
+    differences = {}
+    if len(summary.evaluations) >= 2:
+        before, after = summary.evaluations[0], summary.evaluations[-1]
+        differences = paired_differences(after, before)
+        title = f"{summary.method.upper()} run: {summary.steps} steps; held-out step {before.step} -> {after.step}"
+    else:
+        title = f"{summary.method.upper()} run: {summary.steps} steps"
+    table = Table(title=title, show_header=True)
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
+    table.add_column("change [95% interval]", justify="right")
+    table.add_column("significant", justify="center")
     for key, label in SHOWN:
-        if key in summary.first_eval or key in summary.last_eval:
-            before, after = summary.first_eval.get(key), summary.last_eval.get(key)
-            table.add_row(label, "-" if before is None else f"{before:.4f}", "-" if after is None else f"{after:.4f}")
+        if key in first or key in last:
+            before_value, after_value = first.get(key), last.get(key)
+            change = differences.get(key)
+            table.add_row(
+                label,
+                "-" if before_value is None else f"{before_value:.4f}",
+                "-" if after_value is None else f"{after_value:.4f}",
+                "-" if change is None else str(change),
+                "-" if change is None else ("yes" if change.significant else "no"),
+            )
     console.print(table)
+    if differences:
+        n = len(summary.evaluations[-1].chunk_ids)
+        files = len(set(summary.evaluations[-1].groups))
+        console.print(
+            f"intervals: paired bootstrap over {files} held-out source files ({n} chunks, the same sampling seeds "
+            "at every evaluation); 'no' means the change cannot be told from noise at this size"
+        )
     console.print(
         f"trained chunks: {summary.trained_chunks} of {summary.scheduled_chunks} scheduled; "
         f"generated tokens: {summary.generated_tokens:,}; actor restarts: {summary.restarts}"
     )
     if summary.stopped_early:
         console.print(f"stopped early at step {summary.steps}: continue with `ebft train <config> --resume`")
-    console.print(f"run directory: {summary.run_dir}  (metrics.jsonl, config.yaml)")
+    console.print(f"run directory: {summary.run_dir}  (metrics.jsonl, config.yaml, evals/)")
     if summary.plot:
         console.print(f"curves: {summary.plot}")
     if summary.checkpoint:

@@ -8,7 +8,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from ebft.config import dump_config, load_config
+from ebft.config import ConfigError, dump_config, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never shipped to the cluster: environments, run outputs, caches.
@@ -20,8 +20,8 @@ IGNORE_GITIGNORE = "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"
 STOP_GRACE_S = 600
 
 
-def job_entrypoint(config_in_project: str, resume: bool, python: str) -> str:
-    words = [python, "-m", "ebft.cli", "train", config_in_project] + (["--resume"] if resume else [])
+def job_entrypoint(config_in_project: str, resume: bool, python: str, command: str = "train") -> str:
+    words = [python, "-m", "ebft.cli", command, config_in_project] + (["--resume"] if resume else [])
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -33,10 +33,14 @@ def submit(
     resume: bool = False,
     python: str | None = None,
     project_root: Path = PROJECT_ROOT,
+    command: str = "train",
 ) -> str:
-    """Submit a training job; returns its id. The config is validated here, before anything is sent."""
+    """Submit `ebft train` (or `ebft compare`) as a job; returns its id. The config is validated here,
+    before anything is sent."""
     from ray.job_submission import JobSubmissionClient
 
+    if command == "compare" and resume:
+        raise ConfigError("ebft compare resumes by itself (it reuses finished arms); submit it without --resume")
     config = load_config(config_path, overrides)
     # The job trains exactly the configuration validated here: frozen into the shipped directory.
     frozen = project_root / JOBS_DIR / f"{uuid.uuid4().hex[:12]}.yaml"
@@ -45,7 +49,7 @@ def submit(
     client = JobSubmissionClient(address)
     # On homogeneous nodes the submitting interpreter's path is valid on the head; a bare `python`
     # would be whatever the node's PATH finds first.
-    entrypoint = job_entrypoint(str(frozen.relative_to(project_root)), resume, python or sys.executable)
+    entrypoint = job_entrypoint(str(frozen.relative_to(project_root)), resume, python or sys.executable, command)
     # Ray leaves out what .gitignore names, the frozen config included; EXCLUDES lists what must stay out.
     previous = os.environ.get(IGNORE_GITIGNORE)
     os.environ[IGNORE_GITIGNORE] = "1"
@@ -66,8 +70,10 @@ def submit(
             os.environ[IGNORE_GITIGNORE] = previous
 
 
-def main_submit(config_path: str, overrides: list[str], *, address: str, resume: bool = False) -> int:
-    job_id = submit(config_path, overrides, address=address, resume=resume)
+def main_submit(
+    config_path: str, overrides: list[str], *, address: str, resume: bool = False, command: str = "train"
+) -> int:
+    job_id = submit(config_path, overrides, address=address, resume=resume, command=command)
     print(f"submitted job {job_id}")
     print(f"follow its logs:  ray job logs --address {address} --follow {job_id}")
     print(f"its status:       ray job status --address {address} {job_id}")

@@ -21,7 +21,7 @@ from ebft.cluster.monitor import Monitor
 from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config, ConfigError, dump_config
-from ebft.evaluation.heldout import HeldoutEvaluator
+from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
 from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
 from ebft.layout import BlockPlan
 from ebft.weight_transport import NCCL, choose_transport
@@ -46,18 +46,27 @@ JOB_ENV = {
 @dataclass
 class TrainSummary:
     run_dir: Path
+    method: str
     steps: int
     trained_chunks: int
     scheduled_chunks: int
     generated_tokens: int
     restarts: int
-    first_eval: dict[str, float]
-    last_eval: dict[str, float]
+    evaluations: list[Evaluation]
+    """The held-out evaluations of this run, in step order (per-chunk values included)."""
     plot: Path | None
     wandb_dir: str | None
     checkpoint: Path | None
     trained_chunk_ids: list[int]
     stopped_early: bool = False
+
+    @property
+    def first_eval(self) -> dict[str, float]:
+        return self.evaluations[0].metrics if self.evaluations else {}
+
+    @property
+    def last_eval(self) -> dict[str, float]:
+        return self.evaluations[-1].metrics if self.evaluations else {}
 
 
 def seed_everything(seed: int) -> None:
@@ -121,13 +130,13 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
         max_model_len = max(max_model_len, HUMANEVAL_MAX_PROMPT_TOKENS + config.eval.max_new_tokens)
     rollout_pool = ActorPool(
         "rollout",
-        lambda i: create_rollout_actor(
-            config, policy_path, groups["rollout"], i, max_model_len=max_model_len
-        ),
+        lambda i: create_rollout_actor(config, policy_path, groups["rollout"], i, max_model_len=max_model_len),
         config.resources.rollout.num_actors,
     )
     feature_pool = ActorPool(
-        "features", lambda i: create_feature_worker(config, feature_path, groups["features"], i), config.resources.features.num_actors
+        "features",
+        lambda i: create_feature_worker(config, feature_path, groups["features"], i),
+        config.resources.features.num_actors,
     )
     learner = LearnerGroup(config, policy_path, groups["learner"])
     if choose_transport(config) == NCCL:
@@ -138,51 +147,55 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
         log.info("resumed from %s at step %d", checkpoint, start["step"])
 
     monitor = Monitor(config, run_dir, start_step=start["step"], resumed=checkpoint is not None)
-    evaluator = HeldoutEvaluator(config, data.heldout_batch(config.eval.num_docs) if len(data.heldout) else None)
+    heldout = data.heldout_batch(config.eval.num_docs, seed=config.eval.seed) if len(data.heldout) else (None, None)
+    evaluator = HeldoutEvaluator(config, *heldout)
     code_problems = humaneval_problems(config.eval.humaneval_problems) if evaluator.enabled else []
     saved: list[Path] = []
+    evaluations: list[Evaluation] = []
 
     def save(step: int, resume_state: dict[str, Any]) -> None:
         path = checkpoint_path(run_dir / "checkpoints", step)
         learner.save_checkpoint(path, {"data_state": resume_state})
         saved.append(path)
 
-    def evaluate(step: int) -> dict[str, float]:
-        metrics = evaluator.run(
-            lambda chunks: ray.get(rollout_pool[0].generate.remote(chunks)),
+    def evaluate(step: int) -> None:
+        e = config.eval
+        monitor.status(
+            f"evaluating step {step}: {len(evaluator.chunks.chunk_ids)} held-out chunks x {e.num_samples} samples"
+        )
+        evaluation = evaluator.run(
+            lambda chunks, n: ray.get(rollout_pool[0].generate.remote(chunks, n)),
             lambda rollouts: ray.get(feature_pool[0].extract.remote(rollouts)),
             learner.document_ce,
+            step=step,
         )
         if code_problems:
             complete = lambda prompts, **options: ray.get(rollout_pool[0].complete.remote(prompts, **options))  # noqa: E731
-            metrics.update(run_code_eval(complete, code_problems, config))
-        monitor.log(step, metrics)
-        return metrics
+            evaluation.metrics.update(run_code_eval(complete, code_problems, config))
+        evaluation.save(evaluation_path(run_dir, step))
+        evaluations.append(evaluation)
+        monitor.log(step, evaluation.metrics)
 
     def on_step(result: StepResult) -> None:
-        step_number = result.step + 1
-        metrics = {**result.metrics, **throughput(config, result)}
-        monitor.log(result.step, metrics)
-        if step_number % config.logging.samples_every == 0:
+        monitor.log(result.step, {**result.metrics, **throughput(config, result)})
+        if result.rollouts and (result.step + 1) % config.logging.samples_every == 0:
             monitor.log_samples(result.step, sample_rows(config, tokenizer, result))
-        if config.eval.every and step_number % config.eval.every == 0 and step_number < config.training.steps:
-            evals.append(evaluate(step_number))
-        if config.checkpoint.every and step_number % config.checkpoint.every == 0 and step_number < config.training.steps:
-            save(step_number, result.resume_state)
 
-    evals: list[dict[str, float]] = []
     controller = Controller(
-        config, rollout_pool, feature_pool, learner, stream, step=start["step"], version=start["version"], on_step=on_step
+        config,
+        rollout_pool,
+        feature_pool,
+        learner,
+        stream,
+        step=start["step"],
+        version=start["version"],
+        on_step=on_step,
+        evaluate=evaluate if evaluator.enabled else None,
+        save=save,
     )
     try:
         with stop_on_interrupt(controller):
-            if evaluator.enabled and start["step"] == 0:
-                evals.append(evaluate(0))
             controller.run()
-        if controller.step == config.training.steps and evaluator.enabled:
-            evals.append(evaluate(controller.step))
-        if controller.step > start["step"]:
-            save(controller.step, controller.resume_state)
     finally:
         monitor.close()
         plot = monitor.plot()
@@ -192,21 +205,28 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
         for group in groups.values():
             ray.util.remove_placement_group(group)
 
+    s = config.sampling
+    generated_per_chunk = config.num_blocks * s.block_length * s.num_samples if controller.ebft else 0
     return TrainSummary(
         run_dir=run_dir,
+        method=config.training.method,
         steps=controller.step,
         trained_chunks=len(controller.trained_chunk_ids),
         scheduled_chunks=(controller.step - start["step"]) * config.training.docs_per_step,
-        generated_tokens=len(controller.trained_chunk_ids) * config.num_blocks * config.sampling.block_length * config.sampling.num_samples,
+        generated_tokens=len(controller.trained_chunk_ids) * generated_per_chunk,
         restarts=controller.restarts,
-        first_eval=evals[0] if evals else {},
-        last_eval=evals[-1] if evals else {},
+        evaluations=evaluations,
         plot=plot,
         wandb_dir=monitor.wandb_dir,
         checkpoint=saved[-1] if saved else None,
         trained_chunk_ids=controller.trained_chunk_ids,
         stopped_early=controller.step < config.training.steps,
     )
+
+
+def evaluation_path(run_dir: Path, step: int) -> Path:
+    """Where the evaluation at `step` keeps its per-chunk values."""
+    return run_dir / "evals" / f"step_{step:08d}.json"
 
 
 @contextmanager
@@ -248,10 +268,17 @@ def _read_start(checkpoint: Path | None) -> dict[str, int]:
 
 
 def throughput(config: Config, result: StepResult) -> dict[str, float]:
+    m = result.metrics
+    if not result.rollouts:  # sft: no rollouts
+        docs = config.training.docs_per_step
+        step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
+        return {
+            "perf/trained_tokens_per_s": docs * config.data.chunk_length / max(m["timing/train"], 1e-9),
+            "perf/step_time_s": step_time,
+        }
     docs = sum(len(r.chunks.chunk_ids) for r in result.rollouts)
     s = config.sampling
     generated = docs * s.num_samples * config.num_blocks * s.block_length
-    m = result.metrics
     step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
     return {
         "perf/generated_tokens_per_s": generated / max(m["timing/generate"], 1e-9),

@@ -18,13 +18,45 @@ CONFIG = json.loads(sys.argv[1])
 _write, _exit, _format_exc = os.write, os._exit, traceback.format_exc
 
 FORBIDDEN_OS_FUNCTIONS = (
-    "fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
-    "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-    "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "setsid", "setpgid", "setpgrp", "kill",
-    "killpg", "putenv", "unsetenv",
+    "fork",
+    "forkpty",
+    "vfork",
+    "system",
+    "popen",
+    "execv",
+    "execve",
+    "execl",
+    "execle",
+    "execlp",
+    "execlpe",
+    "execvp",
+    "execvpe",
+    "spawnv",
+    "spawnve",
+    "spawnl",
+    "spawnle",
+    "spawnlp",
+    "spawnlpe",
+    "spawnvp",
+    "spawnvpe",
+    "posix_spawn",
+    "posix_spawnp",
+    "setsid",
+    "setpgid",
+    "setpgrp",
+    "kill",
+    "killpg",
+    "putenv",
+    "unsetenv",
 )
 FORBIDDEN_SUBPROCESS_FUNCTIONS = (
-    "Popen", "call", "run", "check_call", "check_output", "getoutput", "getstatusoutput",
+    "Popen",
+    "call",
+    "run",
+    "check_call",
+    "check_output",
+    "getoutput",
+    "getstatusoutput",
 )
 FORBIDDEN_SOCKET_FUNCTIONS = ("socket", "socketpair", "fromfd", "create_connection", "create_server")
 BLOCKED_MODULES = ("ctypes", "_ctypes", "_posixsubprocess", "pty")
@@ -93,12 +125,21 @@ def set_up():
         source = f.read()
     guarded_modules = None
     if CONFIG["guard"]:  # import before the privilege drop, which may make them unreadable
-        import _posixsubprocess, _socket, multiprocessing, posix, socket, subprocess
+        import _posixsubprocess
+        import _socket
+        import multiprocessing
+        import posix
+        import socket
+        import subprocess
 
         guarded_modules = (posix, subprocess, _posixsubprocess, socket, _socket, multiprocessing)
-    for limit, value in ((resource.RLIMIT_AS, CONFIG["memory"]), (resource.RLIMIT_FSIZE, CONFIG["fsize"]),
-                         (resource.RLIMIT_NOFILE, CONFIG["nofile"]), (resource.RLIMIT_CORE, 0),
-                         (resource.RLIMIT_NPROC, CONFIG["nproc"])):
+    for limit, value in (
+        (resource.RLIMIT_AS, CONFIG["memory"]),
+        (resource.RLIMIT_FSIZE, CONFIG["fsize"]),
+        (resource.RLIMIT_NOFILE, CONFIG["nofile"]),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, CONFIG["nproc"]),
+    ):
         set_limit(limit, value, value)
     set_limit(resource.RLIMIT_CPU, CONFIG["cpu"], CONFIG["cpu"] + 1)  # SIGXCPU, then SIGKILL
     if CONFIG["drop_id"] >= 0:
@@ -111,8 +152,12 @@ def set_up():
 
 
 def outcome_of(error):
-    for kind, outcome in ((SyntaxError, "syntax"), (AssertionError, "assertion"),
-                          (MemoryError, "memory"), (SandboxViolation, "forbidden")):
+    for kind, outcome in (
+        (SyntaxError, "syntax"),
+        (AssertionError, "assertion"),
+        (MemoryError, "memory"),
+        (SandboxViolation, "forbidden"),
+    ):
         if isinstance(error, kind):
             return outcome
     return "runtime"

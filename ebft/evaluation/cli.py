@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ebft.config import Config, ConfigError
-from ebft.evaluation.heldout import HeldoutEvaluator
+from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
 from ebft.evaluation.humaneval import CompleteFn, humaneval_problems, run_code_eval
 from ebft.evaluation.translation import TranslationExample, load_translation_jsonl, score_translations
 from ebft.messages import ChunkBatch, RolloutBatch
@@ -173,11 +173,16 @@ class Stages:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, disable=not enabled,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
         )
 
-    def __enter__(self) -> "Stages":
+    def __enter__(self) -> Stages:
         self.progress.start()
         return self
 
@@ -209,13 +214,16 @@ def print_metrics(metrics: dict[str, float], title: str, console=None) -> None:
     (console or Console()).print(table)
 
 
-def write_metrics(path: Path, metrics: dict[str, float], plan: EvalPlan, config: Config, elapsed_s: float) -> None:
+def write_metrics(path: Path, evaluation: Evaluation, plan: EvalPlan, config: Config, elapsed_s: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "model": plan.model_path,
         "feature_model": plan.feature_model_path,
         "elapsed_s": round(elapsed_s, 2),
-        "metrics": metrics,
+        "metrics": evaluation.metrics,
+        "chunk_ids": evaluation.chunk_ids,
+        "groups": evaluation.groups,
+        "per_chunk": evaluation.per_chunk,
         "config": config.model_dump(mode="json"),
     }
     temporary = path.with_name(f".{path.name}.tmp")
@@ -226,13 +234,14 @@ def write_metrics(path: Path, metrics: dict[str, float], plan: EvalPlan, config:
 # ----------------------------------------------------------------------------- the whole evaluation
 
 
-def _load_heldout(plan: EvalPlan, config: Config) -> ChunkBatch:
+def _load_heldout(plan: EvalPlan, config: Config) -> tuple[ChunkBatch, list[int]]:
     from transformers import AutoTokenizer
 
     from ebft.data import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_source, trust_remote_code=config.model.trust_remote_code)
-    return prepare_data(config.data, tokenizer, progress=False).heldout_batch(config.eval.num_docs)
+    data = prepare_data(config.data, tokenizer, progress=False)
+    return data.heldout_batch(config.eval.num_docs, seed=config.eval.seed)
 
 
 def _longest_prompt_tokens(plan: EvalPlan, config: Config, problems) -> int:
@@ -262,8 +271,11 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         )
     metrics: dict[str, float] = {}
     try:
-        with stages.stage(f"held-out rollouts ({len(evaluator.chunks.chunk_ids)} chunks x {config.num_blocks} blocks)"):
-            rollouts = worker.generate(evaluator.chunks)
+        chunks, n = evaluator.chunks, config.eval.num_samples
+        with stages.stage(
+            f"held-out rollouts ({len(chunks.chunk_ids)} chunks x {config.num_blocks} blocks x {n} samples)"
+        ):
+            rollouts = worker.generate(chunks, n)
         if problems:
             samples = config.eval.num_completions
             with stages.stage(f"HumanEval: {len(problems)} problems x {samples} samples, sandboxed"):
@@ -299,11 +311,11 @@ def run(
 
     with Stages(console, enabled=progress) as stages:
         with stages.stage("held-out chunks"):
-            evaluator = HeldoutEvaluator(config, _load_heldout(plan, config))
+            evaluator = HeldoutEvaluator(config, *_load_heldout(plan, config))
         rollouts, generation_metrics = _sample_with_engine(plan, config, evaluator, problems, stages)
 
-        def cached_rollouts(chunks: ChunkBatch) -> RolloutBatch:
-            if chunks is not evaluator.chunks:
+        def cached_rollouts(chunks: ChunkBatch, num_samples: int) -> RolloutBatch:
+            if chunks is not evaluator.chunks or num_samples != config.eval.num_samples:
                 raise RuntimeError("the held-out evaluator asked for rollouts of chunks that were not sampled")
             return rollouts
 
@@ -319,12 +331,13 @@ def run(
             with stages.stage("features of rollouts and ground truth (base model)"):
                 return FeatureExtractor(plan.feature_model_path, config, device=device).extract(batch)
 
-        metrics = evaluator.run(cached_rollouts, embed, cross_entropy)
+        evaluation = evaluator.run(cached_rollouts, embed, cross_entropy)
+        metrics = evaluation.metrics
         metrics["eval/heldout/num_chunks"] = float(num_docs)
         metrics.update(generation_metrics)
 
     elapsed = time.perf_counter() - started
-    write_metrics(plan.output, metrics, plan, config, elapsed)
+    write_metrics(plan.output, evaluation, plan, config, elapsed)
     out = Console()
     out.print(f"model: {plan.model_path}\nfeature model: {plan.feature_model_path}", soft_wrap=True, highlight=False)
     print_metrics(metrics, title=f"ebft eval ({elapsed:.0f} s)", console=out)

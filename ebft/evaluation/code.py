@@ -16,8 +16,9 @@ import os
 import re
 import tokenize
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 from ebft.evaluation.passk import mean_pass_at_k
 from ebft.evaluation.sandbox import Outcome, SandboxLimits, run_programs
@@ -54,8 +55,13 @@ def _read_jsonl(path: str) -> list[dict]:
 def load_humaneval(path: str | None = None) -> list[CodeProblem]:
     rows = _read_jsonl(path or humaneval_path())
     return [
-        CodeProblem(task_id=row["task_id"], prompt=row["prompt"], tests=row["test"],
-                    entry_point=row["entry_point"], canonical_solution=row["canonical_solution"])
+        CodeProblem(
+            task_id=row["task_id"],
+            prompt=row["prompt"],
+            tests=row["test"],
+            entry_point=row["entry_point"],
+            canonical_solution=row["canonical_solution"],
+        )
         for row in rows
     ]
 
@@ -70,10 +76,15 @@ def load_code_problems(path: str) -> list[CodeProblem]:
             raise ValueError(f"{path}, line {index + 1}: needs `prompt` and `tests`")
         if not isinstance(tests, str):
             tests = "\n".join(tests)
-        problems.append(CodeProblem(
-            task_id=str(row.get("task_id", f"{os.path.basename(path)}/{index}")), prompt=row["prompt"],
-            tests=tests, entry_point=row.get("entry_point"),
-            canonical_solution=row.get("canonical_solution")))
+        problems.append(
+            CodeProblem(
+                task_id=str(row.get("task_id", f"{os.path.basename(path)}/{index}")),
+                prompt=row["prompt"],
+                tests=tests,
+                entry_point=row.get("entry_point"),
+                canonical_solution=row.get("canonical_solution"),
+            )
+        )
     return problems
 
 
@@ -174,9 +185,9 @@ def _continuation(prompt: str, completion: str) -> str:
     an unrelated function)."""
     text = prompt + completion
     body_end, blocks = _blocks(text, not_before=len(prompt))
-    kept = [text[len(prompt):body_end]]
+    kept = [text[len(prompt) : body_end]]
     for block in blocks:
-        source = text[block.start:block.end]
+        source = text[block.start : block.end]
         helper = block.kind in ("def", "class") and block.name in _identifiers("".join(kept))
         if not (block.kind == "import" or (helper and _compiles(source))):
             break
@@ -188,12 +199,13 @@ def _standalone(code: str) -> str:
     """Imports, compiling def/class blocks, and module-level assignments those blocks use;
     drops example usage, prints, asserts and `if __name__ == "__main__":` blocks."""
     preamble_end, blocks = _blocks(code)
-    definitions = [code[b.start:b.end] for b in blocks
-                   if b.kind in ("def", "class") and _compiles(code[b.start:b.end])]
+    definitions = [
+        code[b.start : b.end] for b in blocks if b.kind in ("def", "class") and _compiles(code[b.start : b.end])
+    ]
     used = _identifiers("".join(definitions))
     kept = [code[:preamble_end]]
     for block in blocks:
-        source = code[block.start:block.end]
+        source = code[block.start : block.end]
         if block.kind == "import" or source in definitions or (block.kind == "assign" and block.name in used):
             kept.append(source)
     return "".join(kept)
@@ -205,19 +217,24 @@ def extract_code(prompt: str, completion: str, entry_point: str | None = None) -
     whole module (when it defines `entry_point` itself, or the prompt is not code) or the
     continuation of the prompt's function."""
     if completion.startswith(prompt) and prompt:
-        completion = completion[len(prompt):]  # the model echoed the prompt
+        completion = completion[len(prompt) :]  # the model echoed the prompt
     fence = completion.find("```")
-    before_fence = completion[:max(fence, 0)]
+    before_fence = completion[: max(fence, 0)]
     closes_a_block = (
-        fence >= 0 and completion.count("```") % 2 == 1 and not re.match(r"```\w", completion[fence:])
-        and before_fence.strip() != "" and (is_python(before_fence) or is_python(prompt + before_fence))
+        fence >= 0
+        and completion.count("```") % 2 == 1
+        and not re.match(r"```\w", completion[fence:])
+        and before_fence.strip() != ""
+        and (is_python(before_fence) or is_python(prompt + before_fence))
     )
     if closes_a_block:
         completion = before_fence
     elif match := _FENCE.search(completion):
         completion = match.group(1)
-    defines_entry_point = entry_point is not None and re.search(
-        rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", completion, re.M) is not None
+    defines_entry_point = (
+        entry_point is not None
+        and re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", completion, re.M) is not None
+    )
     if defines_entry_point or not is_python(prompt):
         return ExtractedCode(_standalone(completion), standalone=True)
     return ExtractedCode(_continuation(prompt, completion), standalone=False)
@@ -293,8 +310,9 @@ def score_completions(
         completions = [list(c) for c in completions_per_problem]
         if len(completions) != len(problems):
             raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
-    programs = [build_program(problem, completion)
-                for problem, samples in zip(problems, completions) for completion in samples]
+    programs = [
+        build_program(problem, completion) for problem, samples in zip(problems, completions) for completion in samples
+    ]
     results = iter(run_programs(programs, limits or SandboxLimits(), workers=workers))
     scores = []
     for problem, samples in zip(problems, completions):

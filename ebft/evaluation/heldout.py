@@ -1,54 +1,89 @@
-"""Held-out metrics on packed chunks: cross-entropy, feature-matching loss, alignment reward pass@1/k.
+"""Held-out metrics on packed chunks: cross-entropy, conditional feature matching, alignment reward.
 
 The evaluator is given three functions, so the same code runs against Ray actors during training
 and against in-process engines in `ebft eval`:
-    generate(ChunkBatch) -> RolloutBatch     the current policy's rollouts (the training geometry)
-    embed(RolloutBatch) -> FeatureBatch      the frozen feature network
-    document_ce(tokens [docs, T]) -> [docs]  teacher-forced token-mean NLL under the current policy
+    generate(ChunkBatch, num_samples) -> RolloutBatch   the current policy's rollouts (training geometry)
+    embed(RolloutBatch) -> FeatureBatch                 the frozen feature network
+    document_ce(tokens [docs, T]) -> [docs]             teacher-forced token-mean NLL under the policy
+
+Every evaluation of a run samples the same chunks with the same seeds (docs/method.md section 8),
+and keeps its per-chunk values, so two evaluations are compared chunk by chunk
+(`paired_differences`) with a bootstrap interval over source files.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Callable
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from ebft.config import Config
+from ebft.evaluation.stats import Difference, paired_difference
 from ebft.learner.rewards import compute_rewards
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.objective import cfm_plugin, cfm_unbiased
 
-# Sampling seeds of held-out rollouts come from this step number, far from any training step.
+# Sampling seeds of held-out rollouts come from this step number (plus eval.seed), far from any training step.
 EVAL_SEED_STEP = 1 << 30
+# Metrics kept per held-out chunk; their differences between evaluations get intervals.
+PAIRED_METRICS = ("eval/full_ce_loss", "eval/cfm", "eval/cfm_plugin", "eval/reward_pass1_gt")
 
 
-def feature_matching_loss(features: FeatureBatch) -> torch.Tensor:
-    """||mean_j phi_j - phi_y||^2 per (document, block): [docs, NB]; the calibration metric."""
-    mean_rollout = features.rollout_features.double().mean(dim=1)  # [docs, NB, D]
-    return (mean_rollout - features.gt_features.double()).square().sum(-1)
+@dataclass
+class Evaluation:
+    """One held-out evaluation: the means, and the per-chunk values behind them."""
+
+    step: int
+    metrics: dict[str, float]
+    chunk_ids: list[int]
+    groups: list[int]
+    """The source example (file) each chunk starts in: the bootstrap's resampling unit."""
+    per_chunk: dict[str, list[float]]
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(asdict(self)) + "\n")
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Evaluation:
+        return cls(**json.loads(Path(path).read_text()))
 
 
-def feature_metrics(config: Config, features: FeatureBatch) -> dict[str, float]:
+def feature_metrics(config: Config, features: FeatureBatch) -> dict[str, torch.Tensor]:
+    """Per-chunk [docs] values: unbiased and plug-in CFM (means over blocks), alignment reward pass@1/pass@k."""
     groups = features.rollout_features.transpose(1, 2)  # [docs, NB, n, D]
+    r = config.reward
     alignment = compute_rewards(
         groups,
         features.gt_features,
-        alignment_coef=config.reward.alignment_coef,
-        diversity_coef=config.reward.diversity_coef,
-        whitening=config.reward.whitening,
-        tol=config.reward.tol,
-    ).alignment
+        alignment_coef=r.alignment_coef,
+        diversity_coef=r.diversity_coef,
+        whitening=r.whitening,
+        tol=r.tol,
+    ).alignment  # [docs, NB, n]
     return {
-        "eval/feature_matching_loss": feature_matching_loss(features).mean().item(),
-        "eval/reward_pass1_gt": alignment.mean().item(),
-        "eval/reward_passk_gt": alignment.max(dim=-1).values.mean().item(),
+        "eval/cfm": cfm_unbiased(features.rollout_features, features.gt_features).mean(-1),
+        "eval/cfm_plugin": cfm_plugin(features.rollout_features, features.gt_features).mean(-1),
+        "eval/reward_pass1_gt": alignment.double().mean(dim=(1, 2)),
+        "eval/reward_passk_gt": alignment.double().max(dim=-1).values.mean(-1),
     }
 
 
 class HeldoutEvaluator:
-    def __init__(self, config: Config, heldout: ChunkBatch | None):
+    def __init__(self, config: Config, heldout: ChunkBatch | None, groups: list[int] | None = None):
         self.config = config
-        self.chunks = None if heldout is None else ChunkBatch(heldout.chunk_ids, heldout.tokens, EVAL_SEED_STEP)
+        self.chunks = None
+        if heldout is not None:
+            self.chunks = ChunkBatch(heldout.chunk_ids, heldout.tokens, EVAL_SEED_STEP + config.eval.seed)
+        self.groups = list(groups) if groups is not None else list(range(len(heldout.chunk_ids) if heldout else 0))
 
     @property
     def enabled(self) -> bool:
@@ -56,13 +91,35 @@ class HeldoutEvaluator:
 
     def run(
         self,
-        generate: Callable[[ChunkBatch], RolloutBatch],
+        generate: Callable[[ChunkBatch, int], RolloutBatch],
         embed: Callable[[RolloutBatch], FeatureBatch],
         document_ce: Callable[[torch.Tensor], torch.Tensor],
-    ) -> dict[str, float]:
+        step: int = 0,
+    ) -> Evaluation:
         if self.chunks is None:
-            return {}
-        ce = document_ce(self.chunks.tokens).double().mean().item()
-        metrics = {"eval/full_ce_loss": ce, "eval/full_perplexity": math.exp(ce)}
-        metrics.update(feature_metrics(self.config, embed(generate(self.chunks))))
-        return metrics
+            raise ValueError("no held-out chunks to evaluate on: raise data.heldout_fraction")
+        per_chunk = {"eval/full_ce_loss": document_ce(self.chunks.tokens).double()}
+        per_chunk.update(feature_metrics(self.config, embed(generate(self.chunks, self.config.eval.num_samples))))
+        metrics = {name: values.mean().item() for name, values in per_chunk.items()}
+        metrics["eval/full_perplexity"] = math.exp(metrics["eval/full_ce_loss"])
+        return Evaluation(
+            step=step,
+            metrics=metrics,
+            chunk_ids=list(self.chunks.chunk_ids),
+            groups=self.groups,
+            per_chunk={name: values.tolist() for name, values in per_chunk.items() if name in PAIRED_METRICS},
+        )
+
+
+def paired_differences(after: Evaluation, before: Evaluation) -> dict[str, Difference]:
+    """after - before for every per-chunk metric, with a 95% bootstrap interval over source files."""
+    if after.chunk_ids != before.chunk_ids:
+        raise ValueError(
+            "the two evaluations were run on different held-out chunks; compare runs with the same data, "
+            "data.heldout_fraction, eval.num_docs and eval.seed"
+        )
+    return {
+        name: paired_difference(after.per_chunk[name], before.per_chunk[name], after.groups)
+        for name in PAIRED_METRICS
+        if name in after.per_chunk and name in before.per_chunk
+    }

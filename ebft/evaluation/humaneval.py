@@ -9,7 +9,7 @@ sandbox's subprocesses, never in this process.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ebft.config import Config
 from ebft.evaluation.code import HUMANEVAL_STOP_SEQUENCES, CodeProblem, load_humaneval, score_completions

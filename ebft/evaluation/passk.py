@@ -11,7 +11,7 @@ The product form avoids the huge binomials. This is NOT "best of n" (which is pa
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

@@ -36,10 +36,10 @@ import sysconfig
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Sequence
+from functools import cache
 
 # uid/gid the program runs as when started by root ("nobody" on Debian/Ubuntu).
 UNPRIVILEGED_ID = 65534
@@ -93,7 +93,7 @@ class SandboxError(RuntimeError):
     """The sandbox itself could not run (not a property of the program under test)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def namespace_prefix() -> tuple[str, ...]:
     """The `unshare` command that isolates network and PIDs here, or () when none works."""
     unshare = shutil.which("unshare")
@@ -113,7 +113,7 @@ def namespace_prefix() -> tuple[str, ...]:
     return ()
 
 
-@lru_cache(maxsize=None)
+@cache
 def pids_cgroup_parent() -> str | None:
     """A cgroup directory in which this (root) process may create pids-limited cgroups, or None."""
     if os.geteuid() != 0:
@@ -134,7 +134,7 @@ def pids_cgroup_parent() -> str | None:
             v2 = not controllers and fstype == "cgroup2"
             mount_root, mount_point = fields[3], fields[4]
             if (v1 or v2) and relative.startswith(mount_root):
-                inside_mount = relative[len(mount_root):].lstrip("/")
+                inside_mount = relative[len(mount_root) :].lstrip("/")
                 candidates.append(os.path.join(mount_point, inside_mount))
     for parent in candidates:
         probe = os.path.join(parent, f"{_CGROUP_PREFIX}probe-{uuid.uuid4().hex[:8]}")
@@ -163,7 +163,7 @@ def _world_traversable(path: str, readable: bool) -> bool:
         return False
 
 
-@lru_cache(maxsize=None)
+@cache
 def _interpreter_usable_unprivileged() -> bool:
     """Whether the unprivileged uid can still import the standard library and installed
     packages after the drop (e.g. not when Python lives under /root)."""
@@ -305,7 +305,7 @@ def _classify_without_verdict(returncode: int, stderr: str, in_pid_namespace: bo
     return Outcome.RUNTIME, f"exited with status {returncode} without a verdict"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn_once(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
@@ -320,9 +320,11 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
     cgroup_parent = pids_cgroup_parent() if limits.use_cgroup else None
     drop_id = _drop_id(prefix)
     if cgroup_parent is None and drop_id < 0 and os.geteuid() == 0 and "--user" not in prefix:
-        _warn_once("sandbox: running as root without a writable pids cgroup or an interpreter the "
-                   "unprivileged uid can read: no kernel cap on the process count (the in-process "
-                   "guard and the wall-clock kill still apply)")
+        _warn_once(
+            "sandbox: running as root without a writable pids cgroup or an interpreter the "
+            "unprivileged uid can read: no kernel cap on the process count (the in-process "
+            "guard and the wall-clock kill still apply)"
+        )
     run_dir = tempfile.mkdtemp(prefix="ebft-sandbox-")
     read_fd = write_fd = -1
     cgroup = None
@@ -343,20 +345,30 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
                 raise SandboxError(f"could not create a pids cgroup: {error}") from error
         read_fd, write_fd = os.pipe()
         config = {
-            "program": program_path, "result_fd": write_fd, "memory": limits.memory_bytes,
-            "cpu": limits.effective_cpu_time_s, "fsize": limits.max_file_bytes,
-            "nproc": limits.max_processes, "nofile": limits.max_open_files, "drop_id": drop_id,
-            "guard": limits.python_guard, "cgroup_procs": cgroup.procs_file if cgroup else "",
+            "program": program_path,
+            "result_fd": write_fd,
+            "memory": limits.memory_bytes,
+            "cpu": limits.effective_cpu_time_s,
+            "fsize": limits.max_file_bytes,
+            "nproc": limits.max_processes,
+            "nofile": limits.max_open_files,
+            "drop_id": drop_id,
+            "guard": limits.python_guard,
+            "cgroup_procs": cgroup.procs_file if cgroup else "",
         }
-        command = [*prefix, *(["--"] if prefix else []), sys.executable, "-I", RUNNER_PATH,
-                   json.dumps(config)]
+        command = [*prefix, *(["--"] if prefix else []), sys.executable, "-I", RUNNER_PATH, json.dumps(config)]
         stderr_path = os.path.join(run_dir, "stderr")
         start = time.monotonic()
         with open(stderr_path, "wb") as stderr_file:
             try:
                 process = subprocess.Popen(
-                    command, cwd=work_dir, env={}, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=stderr_file, pass_fds=(write_fd,),
+                    command,
+                    cwd=work_dir,
+                    env={},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr_file,
+                    pass_fds=(write_fd,),
                     start_new_session=True,
                 )
             except OSError as error:
@@ -392,8 +404,7 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
         shutil.rmtree(run_dir, ignore_errors=True)
 
     if not finished:
-        return SandboxResult(Outcome.TIMEOUT, f"wall-clock limit of {limits.timeout_s:g} s exceeded",
-                             stderr, duration)
+        return SandboxResult(Outcome.TIMEOUT, f"wall-clock limit of {limits.timeout_s:g} s exceeded", stderr, duration)
     outcome_name, _, detail = verdict.partition("\n")
     if outcome_name == "sandbox_error":
         raise SandboxError(f"the sandbox could not set up: {detail}\n{stderr}")
@@ -403,8 +414,7 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
     return SandboxResult(outcome, detail, stderr, duration)
 
 
-def run_programs(sources: Sequence[str], limits: SandboxLimits | None = None,
-                 workers: int = 2) -> list[SandboxResult]:
+def run_programs(sources: Sequence[str], limits: SandboxLimits | None = None, workers: int = 2) -> list[SandboxResult]:
     """Run many programs, at most `workers` at a time; results are in input order.
 
     Threads are enough for the pool: each one only waits on its own subprocess."""

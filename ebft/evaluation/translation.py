@@ -7,8 +7,8 @@ download is never used. `reference` may be a string or a list of strings (severa
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ def load_translation_jsonl(path: str) -> list[TranslationExample]:
     return examples
 
 
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-                tokenize: str = "13a") -> BleuScore:
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], tokenize: str = "13a") -> BleuScore:
     """Corpus BLEU: n-gram matches and lengths are summed over all sentences before the
     precisions and the brevity penalty are computed (not a mean of sentence scores).
 
@@ -62,14 +61,23 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
     metric = BLEU(tokenize=tokenize)
     result = metric.corpus_score(list(hypotheses), reference_streams)
     return BleuScore(
-        score=result.score, precisions=tuple(result.precisions), brevity_penalty=result.bp,
-        hypothesis_length=result.sys_len, reference_length=result.ref_len,
+        score=result.score,
+        precisions=tuple(result.precisions),
+        brevity_penalty=result.bp,
+        hypothesis_length=result.sys_len,
+        reference_length=result.ref_len,
         signature=str(metric.get_signature()),
     )
 
 
-def comet_score(sources: Sequence[str], hypotheses: Sequence[str], references: Sequence[str],
-                checkpoint_path: str, batch_size: int = 16, gpus: int = 0) -> float:
+def comet_score(
+    sources: Sequence[str],
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    checkpoint_path: str,
+    batch_size: int = 16,
+    gpus: int = 0,
+) -> float:
     """System-level COMET from a LOCAL checkpoint (e.g. Unbabel/wmt22-comet-da's model.ckpt).
 
     Optional: needs the `unbabel-comet` package, which is not a dependency of this project."""
@@ -78,20 +86,23 @@ def comet_score(sources: Sequence[str], hypotheses: Sequence[str], references: S
     except ImportError as error:
         raise ImportError(
             "COMET is optional and not installed: `pip install unbabel-comet`, then pass the path "
-            "of a downloaded checkpoint (there is no hub access at run time)") from error
+            "of a downloaded checkpoint (there is no hub access at run time)"
+        ) from error
     model = load_from_checkpoint(checkpoint_path)
     data = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references, strict=True)]
     return float(model.predict(data, batch_size=batch_size, gpus=gpus).system_score)
 
 
-def score_translations(examples: Sequence[TranslationExample], hypotheses: Sequence[str],
-                       comet_checkpoint: str | None = None) -> dict[str, float | str]:
+def score_translations(
+    examples: Sequence[TranslationExample], hypotheses: Sequence[str], comet_checkpoint: str | None = None
+) -> dict[str, float | str]:
     """BLEU (and COMET when a checkpoint is given) for hypotheses aligned with `examples`."""
     if len(examples) != len(hypotheses):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(examples)} examples")
     bleu = corpus_bleu(hypotheses, [e.references for e in examples])
     report: dict[str, float | str] = {"bleu": bleu.score, "bleu_signature": bleu.signature}
     if comet_checkpoint is not None:
-        report["comet"] = comet_score([e.source for e in examples], hypotheses,
-                                      [e.references[0] for e in examples], comet_checkpoint)
+        report["comet"] = comet_score(
+            [e.source for e in examples], hypotheses, [e.references[0] for e in examples], comet_checkpoint
+        )
     return report

@@ -40,7 +40,9 @@ def _quiet_transformers():
         hf_logging.set_verbosity(previous)
 
 
-def load_truncated_model(model_path: str | os.PathLike, depth: int, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_truncated_model(
+    model_path: str | os.PathLike, depth: int, dtype: torch.dtype, trust_remote_code: bool = False
+):
     """The base model (no LM head) with only its first `depth` decoder layers, frozen, in eval mode."""
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     model_config.num_hidden_layers = depth
@@ -125,12 +127,16 @@ class FeatureExtractor:
         if docs.dim() != 2 or docs.shape[1] != T:
             raise ValueError(f"chunk tokens must be [docs, T={T}] (got {tuple(docs.shape)})")
         if rollouts.dim() != 4 or rollouts.shape[0] != docs.shape[0] or rollouts.shape[2:] != (NB, G):
-            raise ValueError(f"rollout tokens must be [docs={docs.shape[0]}, n, NB={NB}, G={G}] (got {tuple(rollouts.shape)})")
+            raise ValueError(
+                f"rollout tokens must be [docs={docs.shape[0]}, n, NB={NB}, G={G}] (got {tuple(rollouts.shape)})"
+            )
         num_docs, n = rollouts.shape[:2]
         rollout_features = torch.empty(num_docs, n, NB, self.feature_dim)
         gt_features = torch.empty(num_docs, NB, self.feature_dim)
 
-        generated = plan.pack(docs[:, None].expand(-1, n, -1), rollouts.unsqueeze(2))[..., T:]  # [docs, n, NB*G] step-major
+        generated = plan.pack(docs[:, None].expand(-1, n, -1), rollouts.unsqueeze(2))[
+            ..., T:
+        ]  # [docs, n, NB*G] step-major
         docs_per_forward = max(1, self.token_budget // T)
         rows_per_forward = max(1, self.token_budget // (NB * G))
         for start in range(0, num_docs, docs_per_forward):
@@ -144,7 +150,9 @@ class FeatureExtractor:
             for row_start in range(0, rows.shape[0], rows_per_forward):
                 row_slice = slice(row_start, min(rows.shape[0], row_start + rows_per_forward))
                 row_docs = torch.arange(row_slice.start, row_slice.stop, device=self.device) // n
-                cache = DynamicCache(ddp_cache_data=[(keys[row_docs], values[row_docs]) for keys, values in document_cache])
+                cache = DynamicCache(
+                    ddp_cache_data=[(keys[row_docs], values[row_docs]) for keys, values in document_cache]
+                )
                 count = row_slice.stop - row_slice.start
                 self.model(
                     input_ids=rows[row_slice].to(self.device),

@@ -28,7 +28,9 @@ def feature_layer_indices(num_hidden_layers: int, fractions: Sequence[float]) ->
     return indices
 
 
-def token_features(hidden_states: Sequence[torch.Tensor] | Mapping[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+def token_features(
+    hidden_states: Sequence[torch.Tensor] | Mapping[int, torch.Tensor], layers: Sequence[int]
+) -> torch.Tensor:
     """Per-token features [B, S, D]: the chosen layers' states [B, S, H] concatenated, L2-normalized jointly.
 
     `hidden_states[l]` is layer l's state (a tuple from `output_hidden_states` or a dict by layer index).

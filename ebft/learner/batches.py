@@ -10,6 +10,7 @@ from ebft.config import Config
 from ebft.layout import BlockPlan
 from ebft.learner.rewards import compute_rewards
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.objective import cfm_unbiased
 
 
 def slice_batches(
@@ -51,6 +52,7 @@ class StepInputs:
     alignment: torch.Tensor  # [N, n, NB]
     diversity: torch.Tensor  # [N, n, NB]
     rewards: torch.Tensor  # [N, n, NB]
+    cfm: torch.Tensor  # [N, NB] unbiased conditional feature-matching estimate of the raw features
 
 
 def prepare_inputs(
@@ -58,11 +60,15 @@ def prepare_inputs(
 ) -> StepInputs:
     """Check the batches against the geometry, compute advantages, and mark stale documents."""
     if not rollouts or len(rollouts) != len(features):
-        raise ValueError(f"need matching non-empty lists of rollout and feature batches (got {len(rollouts)} and {len(features)})")
+        raise ValueError(
+            f"need matching non-empty lists of rollout and feature batches (got {len(rollouts)} and {len(features)})"
+        )
     n, NB, G, T = config.sampling.num_samples, plan.num_blocks, plan.block_length, plan.chunk_length
     for r, f in zip(rollouts, features):
         if list(r.chunks.chunk_ids) != list(f.chunk_ids):
-            raise ValueError(f"feature batch chunks {list(f.chunk_ids)} do not match rollout chunks {list(r.chunks.chunk_ids)}")
+            raise ValueError(
+                f"feature batch chunks {list(f.chunk_ids)} do not match rollout chunks {list(r.chunks.chunk_ids)}"
+            )
         docs = r.chunks.tokens.shape[0]
         if r.chunks.tokens.shape != (docs, T) or r.tokens.shape != (docs, n, NB, G):
             raise ValueError(
@@ -70,7 +76,9 @@ def prepare_inputs(
                 f"the configuration expects [docs, {T}] and [docs, {n}, {NB}, {G}]"
             )
         if r.weight_version > current_version:
-            raise ValueError(f"rollouts of weight version {r.weight_version} are newer than the learner's {current_version}")
+            raise ValueError(
+                f"rollouts of weight version {r.weight_version} are newer than the learner's {current_version}"
+            )
         if current_version - r.weight_version > config.training.max_staleness:
             raise ValueError(
                 f"rollouts of weight version {r.weight_version} are {current_version - r.weight_version} versions old; "
@@ -99,4 +107,5 @@ def prepare_inputs(
         alignment=per_sequence(result.alignment),
         diversity=per_sequence(result.diversity),
         rewards=per_sequence(result.rewards),
+        cfm=cfm_unbiased(rollout_features, gt_features),
     )

@@ -104,7 +104,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def save_policy(directory: Path, state_dict: dict[str, torch.Tensor], model_config, generation_config, source_dir: str | Path | None) -> None:
+def save_policy(
+    directory: Path, state_dict: dict[str, torch.Tensor], model_config, generation_config, source_dir: str | Path | None
+) -> None:
     """Write an HF model folder: config, generation config, one safetensors file, tokenizer files from source_dir."""
     directory.mkdir(parents=True, exist_ok=True)
     model_config.save_pretrained(directory)
@@ -117,7 +119,9 @@ def save_policy(directory: Path, state_dict: dict[str, torch.Tensor], model_conf
                 shutil.copy2(Path(source_dir) / name, directory / name)
 
 
-def write_trainer_state(directory: Path, *, step: int, weight_version: int, world_size: int, extra_state: dict[str, Any]) -> None:
+def write_trainer_state(
+    directory: Path, *, step: int, weight_version: int, world_size: int, extra_state: dict[str, Any]
+) -> None:
     """Write the caller's state, then the marker that makes the checkpoint complete."""
     torch.save(extra_state, directory / EXTRA_STATE)
     _fsync_file(directory / EXTRA_STATE)

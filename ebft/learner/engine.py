@@ -33,7 +33,7 @@ from ebft.learner import checkpoint as ckpt
 from ebft.learner.batches import prepare_inputs
 from ebft.learner.loss import document_ce as document_nll
 from ebft.learner.loss import ebft_loss, generated_logprobs
-from ebft.messages import FeatureBatch, RolloutBatch, WeightUpdate
+from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch, WeightUpdate
 
 METRIC_PREFIX = "train/"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,7 +100,12 @@ class LearnerRank:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage >= 1")
 
         local_rank = rank if local_rank is None else local_rank
-        for key, value in {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": local_rank, "MASTER_ADDR": master_addr}.items():
+        for key, value in {
+            "RANK": rank,
+            "WORLD_SIZE": world_size,
+            "LOCAL_RANK": local_rank,
+            "MASTER_ADDR": master_addr,
+        }.items():
             os.environ[key] = str(value)
         if master_port is not None or "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(master_port or free_port())
@@ -113,7 +118,9 @@ class LearnerRank:
             accelerator.set_device(local_rank)
         self.device = torch.device(accelerator.device_name(local_rank) if self.on_gpu else "cpu")
         if dist.is_initialized() and dist.get_world_size() != world_size:
-            raise RuntimeError(f"this process already joined a process group of size {dist.get_world_size()}, not {world_size}")
+            raise RuntimeError(
+                f"this process already joined a process group of size {dist.get_world_size()}, not {world_size}"
+            )
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
 
         ds_config = self._deepspeed_config()
@@ -123,7 +130,9 @@ class LearnerRank:
             # On CPU a torch AdamW avoids DeepSpeed's JIT-built Adam; on GPU with offload DeepSpeed
             # builds its CPU Adam from the "optimizer" section instead.
             o = config.optim
-            optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            )
         warmup = warmup_steps(config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -147,7 +156,8 @@ class LearnerRank:
         if docs % (world_size * micro):
             raise ValueError(
                 f"training.docs_per_step={docs} must be a multiple of learner ranks ({world_size}) x "
-                f"learner.micro_batch_docs ({micro}); e.g. set training.docs_per_step={world_size * micro * max(1, docs // (world_size * micro))}"
+                f"learner.micro_batch_docs ({micro}); "
+                f"e.g. set training.docs_per_step={world_size * micro * max(1, docs // (world_size * micro))}"
             )
         return docs // world_size, docs // (world_size * micro)
 
@@ -171,7 +181,10 @@ class LearnerRank:
         }
         if cfg.learner.offload_optimizer and self.on_gpu:
             o = cfg.optim
-            ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}}
+            ds_config["optimizer"] = {
+                "type": "AdamW",
+                "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay},
+            }
         return ds_config
 
     def _from_pretrained(self, ds_config: dict[str, Any]):
@@ -200,7 +213,9 @@ class LearnerRank:
     def _load_reference_model(self, ds_config: dict[str, Any]):
         """A frozen copy of the initial policy for the KL term; under ZeRO-3 partitioned across the
         ranks like the policy (its forwards are then collective, as every rank runs the same ones)."""
-        eval_config = {key: ds_config[key] for key in ("train_micro_batch_size_per_gpu", "bf16", "fp16", "steps_per_print")}
+        eval_config = {
+            key: ds_config[key] for key in ("train_micro_batch_size_per_gpu", "bf16", "fp16", "steps_per_print")
+        }
         eval_config["zero_optimization"] = {"stage": self.config.learner.zero_stage}
         reference = self._from_pretrained(eval_config).requires_grad_(False)
         if self.config.learner.zero_stage != 3:
@@ -235,7 +250,9 @@ class LearnerRank:
         gradient of every parameter is kept in `captured_gradients` before the optimizer step.
         """
         if current_version != self.weight_version:
-            raise ValueError(f"current_version={current_version} but the learner holds weight version {self.weight_version}")
+            raise ValueError(
+                f"current_version={current_version} but the learner holds weight version {self.weight_version}"
+            )
         started = time.perf_counter()
         inputs = prepare_inputs(rollouts, features, current_version, self.config, self.plan)
         if inputs.docs.shape[0] != self.docs_per_rank:
@@ -288,6 +305,7 @@ class LearnerRank:
             gt_reward=float(inputs.alignment.mean()),
             diversity_reward=float(inputs.diversity.mean()),
             reward=float(inputs.rewards.mean()),
+            cfm=float(inputs.cfm.mean()),
             stale_fraction=float(inputs.stale.float().mean()),
         )
         metrics = self._mean_over_ranks(metrics)
@@ -304,6 +322,46 @@ class LearnerRank:
         )
         return {f"{METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
 
+    def sft_step(self, chunks: Sequence[ChunkBatch], current_version: int) -> dict[str, float]:
+        """One optimizer step of token-mean cross-entropy on this rank's documents (training.method = sft):
+        the same micro-batches, accumulation, clipping and schedule as `train_step`, no rollouts."""
+        if current_version != self.weight_version:
+            raise ValueError(
+                f"current_version={current_version} but the learner holds weight version {self.weight_version}"
+            )
+        started = time.perf_counter()
+        docs = torch.cat([torch.as_tensor(c.tokens) for c in chunks]).long()
+        if docs.shape != (self.docs_per_rank, self.plan.chunk_length):
+            raise ValueError(
+                f"this rank got documents {tuple(docs.shape)}; "
+                f"training.docs_per_step={self.config.training.docs_per_step} "
+                f"over {self.world_size} ranks needs [{self.docs_per_rank}, {self.plan.chunk_length}]"
+            )
+        ce_sum = 0.0
+        self.engine.train()
+        for micro in range(self.accumulation_steps):
+            batch = docs[micro * self.micro_batch_docs : (micro + 1) * self.micro_batch_docs].to(self.device)
+            loss = document_nll(self.engine(input_ids=batch, use_cache=False).logits, batch).mean()
+            self.engine.backward(loss)
+            if micro == self.accumulation_steps - 1:
+                self._before_optimizer_step(False)
+            self.engine.step()
+            ce_sum += float(loss.detach())
+        self.step += 1
+        self.weight_version += 1
+        ce = ce_sum / self.accumulation_steps
+        metrics = self._mean_over_ranks({"loss": ce, "ce_loss": ce})
+        elapsed = time.perf_counter() - started
+        metrics.update(
+            grad_norm=self._grad_norm,
+            lr=self._last_lr,
+            tokens_per_s=self._sum_over_ranks(docs.numel()) / elapsed,
+            step_time_s=elapsed,
+            step=self.step,
+            weight_version=self.weight_version,
+        )
+        return {f"{METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
+
     def _before_optimizer_step(self, capture: bool) -> None:
         """At the accumulation boundary, after the last backward: read what the step will use."""
         from deepspeed.utils import safe_get_full_grad
@@ -312,10 +370,14 @@ class LearnerRank:
         grads = None
         if capture or self.engine.zero_optimization_stage() == 0 and self.dtype == torch.float32:
             # safe_get_full_grad is collective under ZeRO 1-3: every rank calls it for every parameter.
-            grads = {name: safe_get_full_grad(p) for name, p in self.engine.module.named_parameters() if p.requires_grad}
+            grads = {
+                name: safe_get_full_grad(p) for name, p in self.engine.module.named_parameters() if p.requires_grad
+            }
         self.captured_gradients = {k: v.detach().float().cpu().clone() for k, v in grads.items()} if capture else None
         self._grad_norm_fallback = (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))) if grads else None
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()])))
+            if grads
+            else None
         )
 
     @property
@@ -339,7 +401,9 @@ class LearnerRank:
 
     def _std_over_ranks(self, values: torch.Tensor) -> float:
         v = values.double().flatten()
-        count, total, squares = self._all_reduce(torch.stack([v.new_tensor(v.numel()), v.sum(), v.square().sum()])).tolist()
+        count, total, squares = self._all_reduce(
+            torch.stack([v.new_tensor(v.numel()), v.sum(), v.square().sum()])
+        ).tolist()
         mean = total / count
         return math.sqrt(max(squares / count - mean * mean, 0.0) * count / max(count - 1, 1))
 
@@ -374,7 +438,9 @@ class LearnerRank:
             elif self.rank == 0:
                 state.update({_join(prefix, n): p.detach().to(device) for n, p in own})
             if self.rank == 0:
-                persistent = [n for n, _ in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set]
+                persistent = [
+                    n for n, _ in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set
+                ]
                 state.update({_join(prefix, n): getattr(sub, n).detach().to(device) for n in persistent})
         return state if self.rank == 0 else None
 
@@ -438,13 +504,19 @@ class LearnerRank:
         state = self.full_state_dict()
         if self.rank == 0:
             module = self.engine.module
-            ckpt.save_policy(temporary, state, module.config, getattr(module, "generation_config", None), self.model_path)
+            ckpt.save_policy(
+                temporary, state, module.config, getattr(module, "generation_config", None), self.model_path
+            )
         self.engine.save_checkpoint(str(temporary / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, save_latest=False)
         torch.save(ckpt.capture_rng_state(), ckpt.rng_file(temporary, self.rank))
         dist.barrier()
         if self.rank == 0:
             ckpt.write_trainer_state(
-                temporary, step=self.step, weight_version=self.weight_version, world_size=self.world_size, extra_state=extra_state or {}
+                temporary,
+                step=self.step,
+                weight_version=self.weight_version,
+                world_size=self.world_size,
+                extra_state=extra_state or {},
             )
             ckpt.publish(temporary, final)
             ckpt.prune_checkpoints(final.parent, self.config.checkpoint.keep_last)
@@ -463,7 +535,10 @@ class LearnerRank:
                 f"{self.world_size} (ZeRO partitions are per rank): resume with the same resources.learner.num_actors"
             )
         loaded, _ = self.engine.load_checkpoint(
-            str(path / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(path / ckpt.DEEPSPEED_DIR),
+            tag=ckpt.DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the optimizer state under {path / ckpt.DEEPSPEED_DIR}")

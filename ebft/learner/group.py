@@ -15,7 +15,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ebft.config import Config
-from ebft.messages import FeatureBatch, RolloutBatch, WeightUpdate
+from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch, WeightUpdate
 
 if TYPE_CHECKING:
     import torch
@@ -35,15 +35,34 @@ class LearnerRankActor:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, config: Config, model_path: str, *, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int) -> None:
+    def setup(
+        self,
+        config: Config,
+        model_path: str,
+        *,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        master_addr: str,
+        master_port: int,
+    ) -> None:
         from ebft.learner.engine import LearnerRank
 
         self.learner = LearnerRank(
-            config, model_path, rank=rank, world_size=world_size, local_rank=local_rank, master_addr=master_addr, master_port=master_port
+            config,
+            model_path,
+            rank=rank,
+            world_size=world_size,
+            local_rank=local_rank,
+            master_addr=master_addr,
+            master_port=master_port,
         )
 
     def train_step(self, rollouts, features, current_version: int, capture_gradients: bool = False) -> dict[str, float]:
         return self.learner.train_step(rollouts, features, current_version, capture_gradients=capture_gradients)
+
+    def sft_step(self, chunks, current_version: int) -> dict[str, float]:
+        return self.learner.sft_step(chunks, current_version)
 
     def export_weights(self) -> WeightUpdate | None:
         return self.learner.export_weights()
@@ -73,7 +92,14 @@ class LearnerRankActor:
 class LearnerGroup:
     """resources.learner.num_actors DeepSpeed ranks as Ray actors (one placement-group bundle each, if given)."""
 
-    def __init__(self, config: Config, model_path: str | os.PathLike, placement_group=None, *, bundle_indices: Sequence[int] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        model_path: str | os.PathLike,
+        placement_group=None,
+        *,
+        bundle_indices: Sequence[int] | None = None,
+    ):
         from ebft.learner.engine import LearnerRank
 
         resources = config.resources.learner
@@ -115,7 +141,12 @@ class LearnerGroup:
         self.step = 0
 
     def train_step(
-        self, rollouts: list[RolloutBatch], features: list[FeatureBatch], current_version: int, *, capture_gradients: bool = False
+        self,
+        rollouts: list[RolloutBatch],
+        features: list[FeatureBatch],
+        current_version: int,
+        *,
+        capture_gradients: bool = False,
     ) -> dict[str, float]:
         """One optimizer step over all of the step's documents; metrics are already averaged over ranks."""
         from ebft.learner.batches import shard_batches
@@ -127,6 +158,23 @@ class LearnerGroup:
                 for actor, (r, f) in zip(self.actors, shards)
             ]
         )[0]
+        self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
+        return metrics
+
+    def sft_step(self, chunks: list[ChunkBatch], current_version: int) -> dict[str, float]:
+        """One cross-entropy step over the step's chunks (training.method = sft), split evenly over the ranks."""
+        docs = [(c, i) for c in chunks for i in range(len(c.chunk_ids))]
+        if len(docs) % self.world_size:
+            raise ValueError(f"{len(docs)} documents cannot be split evenly over {self.world_size} learner ranks")
+        per_rank = len(docs) // self.world_size
+        shards = [
+            [
+                ChunkBatch([c.chunk_ids[i]], c.tokens[i : i + 1], c.step)
+                for c, i in docs[r * per_rank : (r + 1) * per_rank]
+            ]
+            for r in range(self.world_size)
+        ]
+        metrics = ray.get([actor.sft_step.remote(s, current_version) for actor, s in zip(self.actors, shards)])[0]
         self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
         return metrics
 
@@ -145,7 +193,7 @@ class LearnerGroup:
         gathered first under ZeRO-3); returns the version every actor now reports."""
         return ray.get([actor.push_weights.remote() for actor in self.actors])[0]
 
-    def document_ce(self, tokens) -> "torch.Tensor":
+    def document_ce(self, tokens) -> torch.Tensor:
         """Teacher-forced token-mean NLL [docs] of chunks [docs, T] under the current policy."""
         return ray.get([actor.document_ce.remote(tokens) for actor in self.actors])[0]
 
@@ -166,7 +214,7 @@ class LearnerGroup:
             ray.kill(actor)
         self.actors = []
 
-    def __enter__(self) -> "LearnerGroup":
+    def __enter__(self) -> LearnerGroup:
         return self
 
     def __exit__(self, *exc) -> None:

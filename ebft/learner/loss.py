@@ -16,7 +16,6 @@ import torch
 
 from ebft.layout import BlockPlan
 
-
 # Positions per slice of the float32 log-softmax: [B, 256, V] at a time, never [B, S, V].
 LOGPROB_SLICE = 256
 
@@ -67,8 +66,11 @@ def token_logprobs(
     return _TokenLogprobs.apply(logits, positions.to(logits.device), targets.to(logits.device), temperature)
 
 
-def generated_logprobs(logits: torch.Tensor, packed_tokens: torch.Tensor, plan: BlockPlan, temperature: float) -> torch.Tensor:
-    """logits [B, S, V] of a packed forward, tokens [B, S] -> log pi(token) [B, samples, NB, G] at logits / temperature."""
+def generated_logprobs(
+    logits: torch.Tensor, packed_tokens: torch.Tensor, plan: BlockPlan, temperature: float
+) -> torch.Tensor:
+    """logits [B, S, V] of a packed forward, tokens [B, S] -> log pi(token) [B, samples, NB, G]
+    at logits / temperature."""
     targets = packed_tokens[:, plan.generated_indices.flatten().to(packed_tokens.device)]
     logp = token_logprobs(logits, plan.predictor_indices.flatten(), targets, temperature)
     return logp.unflatten(1, plan.generated_indices.shape)

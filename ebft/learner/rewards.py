@@ -8,7 +8,7 @@ For every group (document, block) with rollout features X [n, D] and ground-trut
     b_j         = a * mean_{j' != j} alignment_j' - d * (sum_j' diversity_j' - 2 diversity_j) / (n - 2)
     A_j         = r_j - b_j
 
-with x and y whitened first (EBFT_METHOD.md section 4). Every quantity only needs inner products,
+with x and y whitened first (docs/method.md section 4). Every quantity only needs inner products,
 so the whole computation runs on X X^T, X y and |y|^2: batched products read the features once,
 and whitening is an eigendecomposition of the n x n matrix X X^T.
 
@@ -100,7 +100,9 @@ def compute_rewards(
     X = rollout_features.float()
     y = gt_features.float()
     if X.shape[:-2] != y.shape[:-1] or X.shape[-1] != y.shape[-1]:
-        raise ValueError(f"rollout_features {tuple(X.shape)} [..., n, D] and gt_features {tuple(y.shape)} [..., D] disagree")
+        raise ValueError(
+            f"rollout_features {tuple(X.shape)} [..., n, D] and gt_features {tuple(y.shape)} [..., D] disagree"
+        )
     n = X.shape[-2]
     if n < 2:
         raise ValueError(f"need n >= 2 rollouts per group for a leave-one-out baseline (got n={n})")

