@@ -23,7 +23,9 @@ class ModelConfig(Section):
     """Local HF folder, hub id, or the built-in alias `smollm2` (see `ebft models prepare smollm2`)."""
     feature_model: str | None = None
     """Frozen feature network; defaults to the base policy checkpoint, as in the paper."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bfloat16 on GPUs or on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16), else float32:
+    emulated bf16 is several times slower than float32. A run's saved config.yaml records the resolved value."""
     trust_remote_code: bool = False
 
 
@@ -181,6 +183,28 @@ class EvalConfig(Section):
         return value
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this machine's CPU computes in bf16 natively (x86 AVX512-BF16 / AMX-BF16, Arm BF16)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features")) for flag in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def batch_geometry(config: Config, world_size: int) -> tuple[int, int]:
+    """(documents per learner rank, micro-batches per rank) of one optimizer step; every micro-batch is full."""
+    docs, micro = config.training.docs_per_step, config.learner.micro_batch_docs
+    if docs % (world_size * micro):
+        raise ValueError(
+            f"training.docs_per_step={docs} must be a multiple of learner ranks ({world_size}) x "
+            f"learner.micro_batch_docs ({micro}); "
+            f"e.g. set training.docs_per_step={world_size * micro * max(1, docs // (world_size * micro))}"
+        )
+    return docs // world_size, docs // (world_size * micro)
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -196,6 +220,14 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _resolve_dtype(self) -> Config:
+        if self.model.dtype == "auto":
+            r = self.resources
+            on_gpus = any(pool.gpus_per_actor > 0 for pool in (r.rollout, r.features, r.learner))
+            self.model.dtype = "bfloat16" if on_gpus or cpu_has_native_bf16() else "float32"
+        return self
 
     @model_validator(mode="after")
     def _geometry(self) -> Config:
@@ -216,6 +248,7 @@ class Config(Section):
             raise ValueError(
                 f"sampling.num_samples={s.num_samples}: the leave-one-out baseline needs n >= 2 (paper: 4)"
             )
+        batch_geometry(self, self.resources.learner.num_actors)
         if self.training.method == "sft" and self.loss.kl_coef > 0:
             raise ValueError(
                 "loss.kl_coef > 0 is an EBFT setting (a KL term on the rollouts); training.method=sft generates no "

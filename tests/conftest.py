@@ -84,6 +84,15 @@ def tiny_run_config(model_dir, output_dir, **sections) -> dict:
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny ops: a second OpenMP thread only adds synchronisation (3-4x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def local_ray():
     """A local Ray runtime with the job environment `ebft train` uses, for one test module."""
     import ray

@@ -117,10 +117,11 @@ def test_killed_rollout_actor_is_replaced_and_nothing_is_lost(local_ray, tiny_mo
         deadline = time.time() + 600
         while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
             time.sleep(0.2)
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            if " ".join(process.info["cmdline"] or ()).startswith("ray::RolloutWorker"):
-                os.kill(process.info["pid"], signal.SIGKILL)  # as an OOM killer or a lost node would
-                killed.append(process.info["pid"])
+        # This test's own Ray cluster runs below this process; other runs on the machine are left alone.
+        for process in psutil.Process().children(recursive=True):
+            if " ".join(process.cmdline()).startswith("ray::RolloutWorker"):
+                os.kill(process.pid, signal.SIGKILL)  # as an OOM killer or a lost node would
+                killed.append(process.pid)
 
     killer = threading.Thread(target=kill_after_first_step, daemon=True)
     killer.start()

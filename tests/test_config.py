@@ -52,3 +52,25 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("sampling:\n  num_samples: 6\n")
     assert load_config(path, ["sampling.temperature=1.0"]).sampling.num_samples == 6
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    import ebft.config as config_module
+
+    amd = tmp_path / "amd"
+    amd.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    sapphire = tmp_path / "sapphire"
+    sapphire.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    graviton = tmp_path / "graviton"
+    graviton.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert not config_module.cpu_has_native_bf16(str(amd))
+    assert config_module.cpu_has_native_bf16(str(sapphire))
+    assert config_module.cpu_has_native_bf16(str(graviton))
+    assert not config_module.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: False)
+    assert build_config({}).model.dtype == "float32"
+    assert build_config({"resources": {"learner": {"gpus_per_actor": 1}}}).model.dtype == "bfloat16"
+    assert build_config({"model": {"dtype": "bfloat16"}}).model.dtype == "bfloat16"  # an explicit choice stays
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: True)
+    assert build_config({}).model.dtype == "bfloat16"

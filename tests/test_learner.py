@@ -1,11 +1,4 @@
-"""The DeepSpeed learner: steps against a plain PyTorch reference, ranks, checkpoints, weight sync.
-
-The reference step shares no code with ebft.learner except compute_rewards for whitened rewards:
-it builds the packed sequence, mask and positions with loops, runs a float64 copy of the model,
-takes its own log-softmax, computes un-whitened rewards and RLOO advantages from the formulas in
-docs/method.md section 4, broadcasts them to tokens itself, applies the loss of section 5, and
-steps a torch AdamW with clipping and the warmup schedule.
-"""
+"""The DeepSpeed learner: steps against the float64 reference of learner_reference.py, ranks, checkpoints, weights."""
 
 from __future__ import annotations
 
@@ -15,27 +8,27 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import make_tiny_llama
+from learner_reference import (
+    N_SAMPLES,
+    assert_gradients_match,
+    assert_weights_match,
+    float64_model,
+    make_batch,
+    make_config,
+    reference_logprobs,
+    reference_loss,
+    reference_update,
+)
 from transformers import AutoModelForCausalLM
 
-from ebft.config import build_config
 from ebft.layout import BlockPlan
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.batches import prepare_inputs, shard_batches
 from ebft.learner.engine import LearnerRank
 from ebft.learner.rewards import compute_rewards
-from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.messages import ChunkBatch, RolloutBatch
 
-T, C, S_, G, N_SAMPLES, D = 24, 4, 4, 4, 3, 16
-NB = (T - G - C) // S_ + 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The ops here are tiny: a second OpenMP thread only adds synchronisation (3-4x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,168 +38,6 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def make_config(**sections):
-    raw = {
-        "model": {"dtype": "float32"},
-        "data": {"chunk_length": T},
-        "sampling": {
-            "context_length": C,
-            "stride": S_,
-            "block_length": G,
-            "num_samples": N_SAMPLES,
-            "temperature": 0.7,
-        },
-        "reward": {"whitening": "none", "diversity_coef": 0.5},
-        "loss": {"rl_coef": 1.0, "ce_coef": 0.1},
-        "optim": {"lr": 1e-3, "warmup_fraction": 0.0},
-        "learner": {"zero_stage": 2, "micro_batch_docs": 2, "gradient_checkpointing": False},
-        "training": {"docs_per_step": 4, "steps": 10},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return build_config(raw)
-
-
-def make_batch(docs: int, *, seed: int, version: int, first_chunk: int = 0, behavior=None):
-    gen = torch.Generator().manual_seed(seed)
-    chunks = ChunkBatch(
-        list(range(first_chunk, first_chunk + docs)), torch.randint(3, 500, (docs, T), generator=gen), step=0
-    )
-    tokens = torch.randint(3, 500, (docs, N_SAMPLES, NB, G), generator=gen)
-    if behavior is None:
-        behavior = torch.zeros(docs, N_SAMPLES, NB, G)
-    rollouts = RolloutBatch(chunks, tokens, behavior, weight_version=version)
-    features = FeatureBatch(
-        chunks.chunk_ids, torch.randn(docs, N_SAMPLES, NB, D, generator=gen), torch.randn(docs, NB, D, generator=gen)
-    )
-    return rollouts, features
-
-
-# ----------------------------------------------------------------------------- the reference
-
-
-def reference_pack(doc: torch.Tensor, rollout: torch.Tensor):
-    """Packed tokens, additive mask, positions, and per (block, step) the (target, predictor) indices, by loops."""
-    S = T + NB * G
-    tokens, positions = doc.tolist() + [0] * (NB * G), list(range(T)) + [0] * (NB * G)
-    allowed = torch.zeros(S, S, dtype=torch.bool)
-    for i in range(T):
-        allowed[i, : i + 1] = True
-    where = {}
-    for k in range(NB):
-        prefix = C + k * S_
-        for t in range(G):
-            q = T + t * NB + k
-            tokens[q], positions[q] = int(rollout[k, t]), prefix + t
-            allowed[q, :prefix] = True
-            for u in range(t + 1):
-                allowed[q, T + u * NB + k] = True
-            where[k, t] = (q, prefix - 1 if t == 0 else T + (t - 1) * NB + k)
-    mask = torch.zeros(S, S, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
-    return torch.tensor(tokens), mask, torch.tensor(positions), where
-
-
-def reference_logprobs(model, doc, rollout, temperature):
-    """(log pi of every generated token [NB, G], doc token-mean NLL) of one (document, sample), float64."""
-    tokens, mask, positions, where = reference_pack(doc, rollout)
-    logits = model(input_ids=tokens[None], attention_mask=mask[None, None], position_ids=positions[None]).logits[0]
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    gen = torch.stack(
-        [torch.stack([logp[where[k, t][1], tokens[where[k, t][0]]] for t in range(G)]) for k in range(NB)]
-    )
-    doc_logp = torch.log_softmax(logits[: T - 1], dim=-1)
-    nll = -doc_logp.gather(-1, doc[1:, None]).mean()
-    return gen, nll
-
-
-def reference_advantages(rollout_features, gt_features, config):
-    """[docs, n, NB] advantages, one (document, block) group at a time."""
-    a, d = config.reward.alignment_coef, config.reward.diversity_coef
-    docs, n = rollout_features.shape[:2]
-    out = torch.zeros(docs, n, NB, dtype=torch.float64)
-    for i in range(docs):
-        for k in range(NB):
-            X, y = rollout_features[i, :, k].double(), gt_features[i, k].double()
-            if config.reward.whitening != "none":
-                groups = compute_rewards(
-                    X[None].float(),
-                    y[None].float(),
-                    alignment_coef=a,
-                    diversity_coef=d,
-                    whitening=config.reward.whitening,
-                )
-                out[i, :, k] = groups.advantages[0].double()
-                continue
-            align = torch.stack([2 * torch.dot(X[j], y) / (X[j].norm() * y.norm()) for j in range(n)])
-            div = torch.stack([2 / (n - 1) * sum(torch.dot(X[j], X[m]) for m in range(n) if m != j) for j in range(n)])
-            for j in range(n):
-                others = [m for m in range(n) if m != j]
-                baseline = a * align[others].mean() - d * (div.sum() - 2 * div[j]) / (n - 2)
-                out[i, j, k] = a * align[j] - d * div[j] - baseline
-    return out
-
-
-def reference_loss(model, batches, config, current_version, reference_policy=None):
-    """The full-batch EBFT loss (mean over all sequences) in float64, with grads into `model`."""
-    temperature, loss_cfg = config.sampling.temperature, config.loss
-    pg_terms, ce_terms, kl_terms = [], [], []
-    for rollouts, features in batches:
-        advantages = reference_advantages(features.rollout_features, features.gt_features, config)
-        stale = rollouts.weight_version < current_version
-        for i in range(rollouts.tokens.shape[0]):
-            for j in range(N_SAMPLES):
-                doc, sample = rollouts.chunks.tokens[i], rollouts.tokens[i, j]
-                logp, nll = reference_logprobs(model, doc, sample, temperature)
-                weight = torch.ones_like(logp)
-                if stale:
-                    weight = (
-                        (logp.detach() - rollouts.behavior_logprobs[i, j].double())
-                        .exp()
-                        .clamp(max=loss_cfg.ratio_truncation)
-                    )
-                pg_terms.append((weight * advantages[i, j][:, None] * logp).mean())
-                ce_terms.append(nll)
-                if reference_policy is not None:
-                    with torch.no_grad():
-                        ref_logp, _ = reference_logprobs(reference_policy, doc, sample, temperature)
-                    delta = ref_logp - logp
-                    kl_terms.append((delta.exp() - delta - 1).mean())
-    policy_loss, ce_loss = -torch.stack(pg_terms).mean(), torch.stack(ce_terms).mean()
-    loss = loss_cfg.rl_coef * policy_loss + loss_cfg.ce_coef * ce_loss
-    if kl_terms:
-        loss = loss + loss_cfg.kl_coef * torch.stack(kl_terms).mean()
-    return loss, policy_loss, ce_loss
-
-
-def float64_model(model_dir, weights: bytes | None = None):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
-    if weights is not None:
-        state = {k: v.double() for k, v in safetensors.torch.load(weights).items()}
-        model.load_state_dict(state, strict=False)  # tied/untied: lm_head may be absent
-    return model
-
-
-def assert_gradients_match(captured: dict[str, torch.Tensor], model, atol=1e-5):
-    expected = {name: p.grad for name, p in model.named_parameters()}
-    assert set(captured) == set(expected)
-    for name, grad in expected.items():
-        torch.testing.assert_close(captured[name].double(), grad, atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
-
-
-def reference_update(model, optimizer, lr: float, grad_clip: float) -> None:
-    """Clip to the global norm, then AdamW at the warmed-up LR."""
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-
-
-def assert_weights_match(learner, model, atol=2e-5):
-    updated = safetensors.torch.load(learner.export_weights().safetensors)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(updated[name].double(), p.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 # ----------------------------------------------------------------------------- tests
@@ -243,43 +74,6 @@ def test_step_equals_plain_pytorch_reference(tiny_model_dir, stage, checkpointin
         reference_update(model, optimizer, lr, config.optim.grad_clip)
     assert_weights_match(learner, model)
     assert metrics["train/weight_version"] == 2 and learner.weight_version == 2
-    learner.close()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3], ids=["zero0", "zero2", "zero3"])
-def test_sft_step_equals_a_plain_pytorch_cross_entropy_step(tiny_model_dir, stage):
-    """training.method=sft: token-mean CE of the documents, same micro-batches, clipping, schedule and AdamW."""
-    config = make_config(
-        training={"method": "sft", "docs_per_step": 4, "steps": 10},
-        learner={"zero_stage": stage},
-        optim={"grad_clip": 0.05, "weight_decay": 0.1, "warmup_fraction": 0.2},
-    )
-    learner = LearnerRank(config, tiny_model_dir)
-    model = float64_model(tiny_model_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=config.optim.betas, weight_decay=0.1)
-    for version, lr in enumerate([5e-4, 1e-3]):
-        gen = torch.Generator().manual_seed(100 + version)
-        chunks = [
-            ChunkBatch([0, 1], torch.randint(3, 500, (2, T), generator=gen), 0),
-            ChunkBatch([2, 3], torch.randint(3, 500, (2, T), generator=gen), 0),
-        ]
-        metrics = learner.sft_step(chunks, current_version=version)
-
-        optimizer.zero_grad()
-        nlls = []
-        for doc in torch.cat([c.tokens for c in chunks]):
-            logp = torch.log_softmax(model(input_ids=doc[None]).logits[0, : T - 1], dim=-1)
-            nlls.append(-sum(logp[i, doc[i + 1]] for i in range(T - 1)) / (T - 1))
-        loss = torch.stack(nlls).mean()
-        loss.backward()
-        assert metrics["train/ce_loss"] == pytest.approx(loss.item(), abs=1e-5)
-        assert metrics["train/lr"] == pytest.approx(lr)
-        reference_update(model, optimizer, lr, config.optim.grad_clip)
-    assert_weights_match(learner, model)
-    assert metrics["train/weight_version"] == 2 and "train/policy_loss" not in metrics
-    with pytest.raises(ValueError, match="needs \\[4, 24\\]"):
-        learner.sft_step(chunks[:1], current_version=2)
     learner.close()
 
 
@@ -353,7 +147,7 @@ def test_batches_are_validated_and_sharded():
     with pytest.raises(ValueError, match="do not match"):
         prepare_inputs([a[0]], [b[1]], 2, config, plan)
     with pytest.raises(ValueError, match="docs_per_step"):
-        LearnerRank.batch_geometry(make_config(training={"docs_per_step": 6}, learner={"micro_batch_docs": 4}), 1)
+        make_config(training={"docs_per_step": 6}, learner={"micro_batch_docs": 4})
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ class LearnerRankActor:
         self.learner = None
 
     def rendezvous_address(self) -> tuple[str, int]:
-        from ebft.learner.engine import free_port
+        from ebft.learner.deepspeed_setup import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 
@@ -100,12 +100,9 @@ class LearnerGroup:
         *,
         bundle_indices: Sequence[int] | None = None,
     ):
-        from ebft.learner.engine import LearnerRank
-
         resources = config.resources.learner
         self.config = config
         self.world_size = resources.num_actors
-        LearnerRank.batch_geometry(config, self.world_size)  # fail here, not inside an actor
         bundles = list(bundle_indices) if bundle_indices is not None else list(range(self.world_size))
         remote_cls = ray.remote(LearnerRankActor)
         self.actors = []
