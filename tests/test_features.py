@@ -157,6 +157,27 @@ def test_wrong_rollout_shape_is_refused(tiny_model_dir):
         FeatureExtractor(tiny_model_dir, make_config()).extract(batch)
 
 
+def test_a_worker_alone_on_the_node_embeds_on_every_core_for_that_call_only(tiny_model_dir, monkeypatch):
+    from ebft import cpu_threads
+    from ebft.features.pool import FeatureWorker
+
+    worker = FeatureWorker(tiny_model_dir, make_config())
+    threads_seen = []
+    extract = worker.extractor.extract
+    monkeypatch.setattr(
+        worker.extractor, "extract", lambda b: threads_seen.append(torch.get_num_threads()) or extract(b)
+    )
+    before = torch.get_num_threads()
+    cpu_threads._set_num_threads(1)
+    try:
+        batch = make_batch(num_docs=1)
+        worker.extract(batch)
+        worker.extract(batch, alone=True)
+        assert threads_seen == [1, cpu_threads.node_cores()] and torch.get_num_threads() == 1
+    finally:
+        cpu_threads._set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -149,6 +149,26 @@ def test_weight_update_makes_greedy_generation_follow_the_new_weights(worker, mo
 
 
 @pytest.mark.slow
+def test_generation_alone_on_the_node_uses_every_core_for_that_call_only(worker, monkeypatch):
+    from ebft import cpu_threads
+
+    threads_seen = []
+    generate = worker.llm.generate
+
+    def generate_and_record(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(worker.llm, "generate", generate_and_record)
+    cpu_threads._set_num_threads(1)  # as Ray leaves an actor with a fractional CPU request
+    chunks = random_chunks(1)
+    shared = worker.generate(chunks)
+    alone = worker.generate(chunks, alone=True)
+    assert threads_seen == [1, cpu_threads.node_cores()] and torch.get_num_threads() == 1
+    assert shared.tokens.shape == alone.tokens.shape
+
+
+@pytest.mark.slow
 def test_bad_chunk_batches_are_rejected(worker):
     with pytest.raises(ValueError, match="T=64"):
         worker.generate(ChunkBatch([0], torch.zeros(1, T - 1, dtype=torch.int64), step=0))

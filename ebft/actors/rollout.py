@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.cpu_threads import all_cores
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch, WeightUpdate
 from ebft.weight_transport import (
@@ -101,10 +102,13 @@ class RolloutWorker:
         )
         self.llm.llm_engine.set_weight_version(str(self._version))
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.config.resources.rollout.gpus_per_actor > 0
+
     def _build_engine(self, **engine_options):
         from vllm import LLM
 
-        on_gpu = self.config.resources.rollout.gpus_per_actor > 0
         options = dict(
             engine_options,
             dtype=self.config.model.dtype,
@@ -120,7 +124,7 @@ class RolloutWorker:
             skip_tokenizer_init=not has_tokenizer(self.model_path),
             trust_remote_code=self.config.model.trust_remote_code,
         )
-        if on_gpu:
+        if self.on_gpu:
             options["gpu_memory_utilization"] = self.config.rollout.gpu_memory_utilization
             if self.transport == NCCL:
                 from vllm.config import WeightTransferConfig
@@ -157,9 +161,10 @@ class RolloutWorker:
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
-    def generate(self, chunks: ChunkBatch, num_samples: int | None = None) -> RolloutBatch:
+    def generate(self, chunks: ChunkBatch, num_samples: int | None = None, *, alone: bool = False) -> RolloutBatch:
         """n samples (sampling.num_samples unless given) of exactly G tokens at every block of every chunk,
-        all from the current weights."""
+        all from the current weights. `alone`: nothing else works on this node now (a held-out
+        evaluation), so the engine runs on all its cores for this call."""
         from vllm.inputs import TokensPrompt
 
         plan, n = self.plan, num_samples or self.config.sampling.num_samples
@@ -176,7 +181,8 @@ class RolloutWorker:
                 prompts.append(TokensPrompt(prompt_token_ids=doc[:length]))
                 seed = block_seed(self.config.training.seed, chunks.step, chunk_id, block)
                 params.append(self._block_params(seed, n))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with all_cores(alone and not self.on_gpu):
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
 
         num_docs, NB, G = docs.shape[0], plan.num_blocks, plan.block_length
         tokens = torch.empty(num_docs, n, NB, G, dtype=torch.int64)

@@ -164,8 +164,9 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
             f"evaluating step {step}: {len(evaluator.chunks.chunk_ids)} held-out chunks x {e.num_samples} samples"
         )
         evaluation = evaluator.run(
-            lambda chunks, n: ray.get(rollout_pool[0].generate.remote(chunks, n)),
-            lambda rollouts: ray.get(feature_pool[0].extract.remote(rollouts)),
+            # Nothing else runs while the evaluation generates and embeds: those calls may take every core.
+            lambda chunks, n: ray.get(rollout_pool[0].generate.remote(chunks, n, alone=True)),
+            lambda rollouts: ray.get(feature_pool[0].extract.remote(rollouts, alone=True)),
             learner.document_ce,
             step=step,
         )

@@ -275,7 +275,7 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         with stages.stage(
             f"held-out rollouts ({len(chunks.chunk_ids)} chunks x {config.num_blocks} blocks x {n} samples)"
         ):
-            rollouts = worker.generate(chunks, n)
+            rollouts = worker.generate(chunks, n, alone=True)
         if problems:
             samples = config.eval.num_completions
             with stages.stage(f"HumanEval: {len(problems)} problems x {samples} samples, sandboxed"):

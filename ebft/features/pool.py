@@ -24,8 +24,12 @@ class FeatureWorker:
 
         self.extractor = FeatureExtractor(model_path, config)
 
-    def extract(self, batch: RolloutBatch) -> FeatureBatch:
-        return self.extractor.extract(batch)
+    def extract(self, batch: RolloutBatch, *, alone: bool = False) -> FeatureBatch:
+        """`alone`: nothing else works on this node now (a held-out evaluation): use all its cores."""
+        from ebft.cpu_threads import all_cores
+
+        with all_cores(alone and self.extractor.device.type == "cpu"):
+            return self.extractor.extract(batch)
 
     def feature_dim(self) -> int:
         return self.extractor.feature_dim
