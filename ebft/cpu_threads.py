@@ -14,8 +14,8 @@ import os
 import torch
 
 # vLLM's CPU worker replaces torch.set_num_threads with a function that refuses (and warns) once its
-# engine is built in this process; the original, kept here, still sets the OpenMP pool.
-_set_num_threads = torch.set_num_threads
+# engine is built in this process; the built-in behind it still sets the OpenMP pool.
+_set_num_threads = torch._C.set_num_threads
 
 
 def node_cores() -> int:
