@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,6 +184,7 @@ class EvalConfig(Section):
         return value
 
 
+@functools.cache
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this machine's CPU computes in bf16 natively (x86 AVX512-BF16 / AMX-BF16, Arm BF16)."""
     try:

@@ -162,10 +162,9 @@ def test_generation_alone_on_the_node_uses_every_core_for_that_call_only(worker,
     monkeypatch.setattr(worker.llm, "generate", generate_and_record)
     cpu_threads._set_num_threads(1)  # as Ray leaves an actor with a fractional CPU request
     chunks = random_chunks(1)
-    shared = worker.generate(chunks)
-    alone = worker.generate(chunks, alone=True)
+    worker.generate(chunks)
+    worker.generate(chunks, alone=True)
     assert threads_seen == [1, cpu_threads.node_cores()] and torch.get_num_threads() == 1
-    assert shared.tokens.shape == alone.tokens.shape
 
 
 @pytest.mark.slow

@@ -127,8 +127,10 @@ class LearnerRank:
                 f"{self.config.training.docs_per_step} over {self.world_size} ranks needs {self.docs_per_rank}"
             )
         temperature, loss_cfg = self.config.sampling.temperature, self.config.loss
+        weight_max = 0.0
 
         def micro_loss(docs: slice):
+            nonlocal weight_max
             packed = self.plan.pack(inputs.docs[docs], inputs.rollouts[docs]).to(self.device)  # [docs, S]
             logits = self._packed_logits(self.engine, packed)
             # Per (document, sample) sequence, in (doc, sample) order: log-probs [B, NB, G], CE [B].
@@ -152,10 +154,10 @@ class LearnerRank:
                 ratio_truncation=loss_cfg.ratio_truncation,
                 ref_logprobs=ref_logprobs,
             )
-            values = {name: float(getattr(terms, name).detach()) for name in EBFT_LOSS_TERMS}
-            return terms.loss, values, float(terms.importance_weight_max), packed.numel()
+            weight_max = max(weight_max, float(terms.importance_weight_max))
+            return terms.loss, {name: float(getattr(terms, name).detach()) for name in EBFT_LOSS_TERMS}
 
-        metrics, weight_max, tokens = self._accumulate(micro_loss, capture_gradients)
+        metrics = self._accumulate(micro_loss, capture_gradients)
         metrics.update(
             gt_reward=float(inputs.alignment.mean()),
             diversity_reward=float(inputs.diversity.mean()),
@@ -166,7 +168,7 @@ class LearnerRank:
         metrics = self.reduce.mean(metrics)
         metrics["advantage_std"] = self.reduce.std(inputs.advantages)
         metrics["importance_weight_max"] = self.reduce.max(weight_max)
-        return self._step_metrics(metrics, tokens, started)
+        return self._step_metrics(metrics, self.docs_per_rank * self.plan.packed_length, started)
 
     def sft_step(self, chunks: Sequence[ChunkBatch], current_version: int) -> dict[str, float]:
         """One optimizer step of token-mean cross-entropy on this rank's documents (training.method = sft):
@@ -184,10 +186,10 @@ class LearnerRank:
         def micro_loss(micro_docs: slice):
             batch = docs[micro_docs].to(self.device)
             loss = document_nll(self.engine(input_ids=batch, use_cache=False).logits, batch).mean()
-            return loss, {"loss": float(loss.detach()), "ce_loss": float(loss.detach())}, 0.0, batch.numel()
+            return loss, {"loss": float(loss.detach()), "ce_loss": float(loss.detach())}
 
-        metrics, _, tokens = self._accumulate(micro_loss)
-        return self._step_metrics(self.reduce.mean(metrics), tokens, started)
+        metrics = self.reduce.mean(self._accumulate(micro_loss))
+        return self._step_metrics(metrics, docs.numel(), started)
 
     def _check_version(self, current_version: int) -> None:
         if current_version != self.weight_version:
@@ -195,26 +197,24 @@ class LearnerRank:
                 f"current_version={current_version} but the learner holds weight version {self.weight_version}"
             )
 
-    def _accumulate(self, micro_loss, capture_gradients: bool = False) -> tuple[dict[str, float], float, int]:
-        """One optimizer step: backward through micro_loss(docs) -> (loss, values, weight_max, tokens) for each
-        micro-batch of this rank's documents (DeepSpeed divides by the accumulation steps), then the update.
-        Returns the values' means over micro-batches, the largest weight_max and the token count."""
+    def _accumulate(self, micro_loss, capture_gradients: bool = False) -> dict[str, float]:
+        """One optimizer step: backward through micro_loss(docs) -> (loss, values) for each micro-batch of
+        this rank's documents (DeepSpeed divides by the accumulation steps), then the update.
+        Returns the values' means over the micro-batches."""
         sums: dict[str, float] = {}
-        weight_max, tokens = 0.0, 0
         self.engine.train()
         for micro in range(self.accumulation_steps):
             docs = slice(micro * self.micro_batch_docs, (micro + 1) * self.micro_batch_docs)
-            loss, values, micro_weight_max, micro_tokens = micro_loss(docs)
+            loss, values = micro_loss(docs)
             self.engine.backward(loss)
             if micro == self.accumulation_steps - 1:
                 self._before_optimizer_step(capture_gradients)
             self.engine.step()
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
-            weight_max, tokens = max(weight_max, micro_weight_max), tokens + micro_tokens
         self.step += 1
         self.weight_version += 1
-        return {name: value / self.accumulation_steps for name, value in sums.items()}, weight_max, tokens
+        return {name: value / self.accumulation_steps for name, value in sums.items()}
 
     def _step_metrics(self, metrics: dict[str, float], tokens: int, started: float) -> dict[str, float]:
         elapsed = time.perf_counter() - started
