@@ -138,7 +138,7 @@ def main() -> None:
         model_name = f"random Llama, {args.layers} layers, hidden {args.hidden_size}, {params / 1e6:.1f}M params"
         print(f"model: {model_name}; geometry T=1024 C=s=G=8 NB={NB} n={n}", file=sys.stderr)
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             workers = create_feature_workers(config, model_dir)
             feature_dim = ray.get(workers[0].feature_dim.remote(), timeout=300)

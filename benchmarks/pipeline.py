@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--staleness", type=int, default=1)
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     base = ["data.chunk_length=64", f"training.steps={args.steps}", "training.docs_per_step=2"]
     asynchronous = step_time(
         build_config(overrides=base + [f"training.max_staleness={args.staleness}"]), args.stages, args.unit, args.steps

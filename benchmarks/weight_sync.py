@@ -82,7 +82,7 @@ def main() -> None:
         }
     )
     docs = args.docs_per_step
-    ray.init(num_cpus=int(args.learner_cpus) + 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=int(args.learner_cpus) + 2, include_dashboard=False, log_to_driver=False)
     try:
         started = time.perf_counter()
         remote_worker = ray.remote(num_cpus=1)(RolloutWorker)

@@ -99,7 +99,9 @@ def local_ray():
 
     from ebft.cluster.train import JOB_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": JOB_ENV}, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": JOB_ENV}, log_to_driver=False
+    )
     yield
     ray.shutdown()
 

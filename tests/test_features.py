@@ -180,7 +180,7 @@ def test_a_worker_alone_on_the_node_embeds_on_every_core_for_that_call_only(tiny
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

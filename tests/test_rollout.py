@@ -185,7 +185,7 @@ def ray_session():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

@@ -25,32 +25,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_the_head_accepts_jobs(head: subprocess.Popen, address: str, log: Path) -> None:
+    from urllib.request import urlopen
+
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 180
+    while "Ray runtime started" not in log.read_text():
+        assert head.poll() is None, log.read_text()[-4000:]
+        assert time.time() < deadline, "the Ray head did not start in 180 s"
+        time.sleep(1)
+    urlopen(f"{address}/api/version", timeout=30).read()
+    # The job agent registers a little after that; until it has, submissions answer "No available agent".
+    client = JobSubmissionClient(address)
+    while True:
+        try:
+            client.submit_job(entrypoint="true")
+            return
+        except RuntimeError as error:
+            assert "No available agent" in str(error) and time.time() < deadline, error
+            time.sleep(2)
+
+
 @pytest.fixture
-def ray_head(monkeypatch):
-    port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            "--include-dashboard=true",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=180,
-    )
-    # The head may require token authentication; the client then must ask for it.
-    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "token"))
-    yield f"http://127.0.0.1:{dashboard}"
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+def ray_head(tmp_path):
+    """A head of our own on loopback, on free ports, so it runs beside any other Ray cluster on the machine.
+    `--block` keeps `ray start` in the foreground: stopping it stops exactly this head's processes (`ray stop`
+    would stop every Ray cluster on the machine, a user's runs included)."""
+    ports = {
+        "port": free_port(),
+        "dashboard-port": free_port(),
+        "dashboard-agent-listen-port": free_port(),
+        "dashboard-agent-grpc-port": free_port(),
+        "runtime-env-agent-port": free_port(),
+        "metrics-export-port": free_port(),
+        "ray-client-server-port": free_port(),
+    }
+    command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
+    command += [f"--{name}={port}" for name, port in ports.items()]
+    command += ["--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"]
+    # Token auth off for this loopback head: its client would otherwise depend on which auth mode this pytest
+    # process's Ray happened to cache first.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    log = tmp_path / "ray_head.log"
+    with log.open("w") as output:
+        head = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        wait_until_the_head_accepts_jobs(head, address, log)
+        yield address
+    finally:
+        head.terminate()  # `ray start --block` stops every process it started on SIGTERM
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
 
 
 def test_submitted_tiny_job_trains_and_ray_job_stop_checkpoints_it(ray_head, tiny_model_with_tokenizer, tmp_path):

@@ -83,7 +83,14 @@ def connect_ray(config: Config, address: str | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # "local": always a fresh single-node runtime, never a stray cluster some other process left on the machine.
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, 2),
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=True,
+        )
 
 
 def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None]:
