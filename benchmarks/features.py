@@ -32,7 +32,7 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ebft.config import build_config
-from ebft.features.pool import create_feature_workers
+from ebft.features.pool import create_feature_worker
 from ebft.features.pooling import feature_layer_indices, token_features
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch
@@ -140,7 +140,9 @@ def main() -> None:
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            workers = create_feature_workers(config, model_dir)
+            workers = [
+                create_feature_worker(config, model_dir, None, i) for i in range(config.resources.features.num_actors)
+            ]
             feature_dim = ray.get(workers[0].feature_dim.remote(), timeout=300)
             ray.get([worker.extract.remote(make_batch(config, 2, seed=1)) for worker in workers])  # warm up
 

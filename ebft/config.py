@@ -173,6 +173,9 @@ class EvalConfig(Section):
     timeout_s: float = Field(5.0, gt=0.0)
     translation_file: str | None = None
     """A jsonl of {source, reference} scored with corpus BLEU by `ebft eval` (None: skip)."""
+    comet_checkpoint: str | None = None
+    """A local COMET checkpoint (e.g. wmt22-comet-da's model.ckpt) to score the translations with COMET as well as
+    BLEU (None: BLEU only); needs the optional `unbabel-comet` package."""
     translation_prompt: str = "Translate the following text.\n\nText: {source}\nTranslation:"
     """Prompt of each translation; `{source}` is replaced by the source text. Generation stops at a newline."""
 

@@ -44,8 +44,6 @@ class PackedChunks:
     """[N, T] int32 token ids."""
     doc_ids: np.ndarray
     """[N, T] int32 index of the example each token belongs to (an example's trailing EOS included)."""
-    answer_mask: np.ndarray
-    """[N, T] bool: the token is part of an answer (question+answer sources; EOS excluded)."""
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -59,16 +57,8 @@ class PackedChunks:
         return hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()[:16]
 
 
-def pack_documents(
-    documents: Sequence[Sequence[int]],
-    eos_token_id: int,
-    chunk_length: int,
-    answer_starts: Sequence[int | None] | None = None,
-) -> PackedChunks:
-    """Concatenate `doc + [EOS]` for every document and cut into chunks of `chunk_length` (tail dropped).
-
-    `answer_starts[i]` is the index inside document i where its answer begins (None: no answer).
-    """
+def pack_documents(documents: Sequence[Sequence[int]], eos_token_id: int, chunk_length: int) -> PackedChunks:
+    """Concatenate `doc + [EOS]` for every document and cut into chunks of `chunk_length` (tail dropped)."""
     lengths = np.fromiter((len(doc) + 1 for doc in documents), dtype=np.int64, count=len(documents))
     total = int(lengths.sum())
     stream = np.empty(total, dtype=np.int32)
@@ -78,26 +68,17 @@ def pack_documents(
         stream[start : end - 1] = doc
     stream[ends - 1] = eos_token_id
     doc_ids = np.repeat(np.arange(len(documents), dtype=np.int32), lengths)
-    answer = np.zeros(total + 1, dtype=np.int32)
-    if answer_starts is not None:
-        has_answer = np.array([s is not None for s in answer_starts], dtype=bool)
-        begin = starts[has_answer] + np.array([s for s in answer_starts if s is not None], dtype=np.int64)
-        np.add.at(answer, begin, 1)
-        np.add.at(answer, (ends - 1)[has_answer], -1)  # the answer stops before the EOS
-    answer_mask = np.cumsum(answer[:-1]) > 0
     usable = total // chunk_length * chunk_length
     shape = (total // chunk_length, chunk_length)
-    return PackedChunks(
-        stream[:usable].reshape(shape), doc_ids[:usable].reshape(shape), answer_mask[:usable].reshape(shape)
-    )
+    return PackedChunks(stream[:usable].reshape(shape), doc_ids[:usable].reshape(shape))
 
 
 def tokenize_examples(
     examples: Sequence[Example], tokenizer, *, progress: bool = False, description: str = "tokenizing"
-) -> tuple[list[list[int]], list[int | None]]:
-    """Batch-tokenize (no special tokens). Returns per-example ids and the index where the answer starts."""
+) -> list[list[int]]:
+    """Batch-tokenize (no special tokens): per example its text's ids, followed by its answer's if it has one
+    (question and answer tokenized separately, as the authors do)."""
     documents: list[list[int]] = []
-    answer_starts: list[int | None] = []
 
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
@@ -108,14 +89,8 @@ def tokenize_examples(
         texts = encode([e.text for e in batch])
         answered = [i for i, e in enumerate(batch) if e.answer is not None]
         answers = dict(zip(answered, encode([batch[i].answer for i in answered]))) if answered else {}
-        for i, ids in enumerate(texts):
-            if i in answers:
-                documents.append(list(ids) + list(answers[i]))
-                answer_starts.append(len(ids))
-            else:
-                documents.append(list(ids))
-                answer_starts.append(None)
-    return documents, answer_starts
+        documents.extend(list(ids) + list(answers.get(i, ())) for i, ids in enumerate(texts))
+    return documents
 
 
 def _progress(items: Sequence, enabled: bool, description: str) -> Iterable:
@@ -187,12 +162,6 @@ class ChunkStream:
 
     def tokens(self, chunk_ids: Sequence[int]) -> torch.Tensor:
         return torch.from_numpy(self.chunks.tokens[self._indices(chunk_ids)].astype(np.int64))
-
-    def doc_ids(self, chunk_ids: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(self.chunks.doc_ids[self._indices(chunk_ids)].astype(np.int64))
-
-    def answer_mask(self, chunk_ids: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(self.chunks.answer_mask[self._indices(chunk_ids)])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -302,10 +271,8 @@ def prepare_data(config: DataConfig, tokenizer, *, progress: bool = True) -> Pre
 
     packed = {}
     for split, examples in (("train", train), ("held-out", heldout)):
-        documents, answer_starts = tokenize_examples(
-            examples, tokenizer, progress=progress, description=f"tokenizing {split}"
-        )
-        packed[split] = pack_documents(documents, tokenizer.eos_token_id, config.chunk_length, answer_starts)
+        documents = tokenize_examples(examples, tokenizer, progress=progress, description=f"tokenizing {split}")
+        packed[split] = pack_documents(documents, tokenizer.eos_token_id, config.chunk_length)
         tokens = sum(len(d) + 1 for d in documents)
         if split == "train":
             report.train_tokens, report.train_chunks = tokens, len(packed[split])
@@ -322,14 +289,3 @@ def prepare_data(config: DataConfig, tokenizer, *, progress: bool = True) -> Pre
             "data: the held-out split (%d tokens) fills no chunk; evaluation has no data", report.heldout_tokens
         )
     return PreparedData(packed["train"], packed["held-out"], report)
-
-
-def prepare_run_data(config, *, progress: bool = True) -> PreparedData:
-    """`prepare_data` for a full run `Config`, with the policy's tokenizer (the `smollm2` alias is resolved)."""
-    from transformers import AutoTokenizer
-
-    from ebft.models import resolve_model_path
-
-    policy = resolve_model_path(config.model.policy)
-    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=config.model.trust_remote_code)
-    return prepare_data(config.data, tokenizer, progress=progress)

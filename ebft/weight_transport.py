@@ -68,12 +68,6 @@ def state_dict_to_update(state_dict: Mapping[str, torch.Tensor], version: int) -
     return WeightUpdate(version=version, safetensors=save(tensors))
 
 
-def update_to_state_dict(update: WeightUpdate) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(update.safetensors)
-
-
 class WeightReceiverExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine's worker.
 

@@ -12,7 +12,7 @@ import pytest
 import ray
 import safetensors.torch
 import torch
-from conftest import tiny_run_config
+from helpers import tiny_run_config, weights_of
 
 from ebft.cluster.train import run
 from ebft.config import build_config
@@ -141,7 +141,6 @@ def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny
     from ebft.data import prepare_data
     from ebft.features.pool import create_feature_worker
     from ebft.learner.group import LearnerGroup
-    from ebft.weight_transport import update_to_state_dict
 
     config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"max_staleness": 0, "steps": 3})
     summary = run(config)
@@ -159,7 +158,7 @@ def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny
             features = ray.get(worker.extract.remote(rollouts))
             by_hand[step] = learner.train_step([rollouts], [features], step)
             assert ray.get(actor.update_weights.remote(learner.export_weights())) == step + 1
-        weights = update_to_state_dict(ray.get(learner.export_weights()))
+        weights = weights_of(ray.get(learner.export_weights()))
     finally:
         learner.shutdown()
         ray.kill(actor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 from ebft.cluster.compare import compare
 from ebft.config import ConfigError, build_config

@@ -32,32 +32,28 @@ def tokenizer():
     return smollm2_tokenizer()
 
 
-def reference_pack(documents, eos, chunk_length, answer_starts=None):
-    """Independent packing: doc + EOS, one token at a time; answer tokens from the answer start to before EOS."""
-    stream, doc_ids, answer = [], [], []
+def reference_pack(documents, eos, chunk_length):
+    """Independent packing: doc + EOS, one token at a time."""
+    stream, doc_ids = [], []
     for index, doc in enumerate(documents):
-        start = None if answer_starts is None else answer_starts[index]
-        for position, token in enumerate(doc):
+        for token in doc:
             stream.append(token)
             doc_ids.append(index)
-            answer.append(start is not None and position >= start)
         stream.append(eos)
         doc_ids.append(index)
-        answer.append(False)
     count = len(stream) // chunk_length
     cut = lambda values: [values[k * chunk_length : (k + 1) * chunk_length] for k in range(count)]  # noqa: E731
-    return cut(stream), cut(doc_ids), cut(answer)
+    return cut(stream), cut(doc_ids)
 
 
 def reference_qa_documents(rows, tokenizer):
     """question tokens + answer tokens, tokenized separately without special tokens, as in the authors' code."""
-    documents, starts = [], []
+    documents = []
     for row in rows:
         question = tokenizer(row["q"], add_special_tokens=False)["input_ids"]
         answer = tokenizer(row["a"], add_special_tokens=False)["input_ids"]
         documents.append(question + answer)
-        starts.append(len(question))
-    return documents, starts
+    return documents
 
 
 def write_jsonl(path, rows):
@@ -80,21 +76,18 @@ QA_ROWS = [
 def test_pack_documents_matches_reference(chunk_length):
     rng = np.random.default_rng(chunk_length)
     documents = [rng.integers(3, 1000, size=rng.integers(0, 20)).tolist() for _ in range(30)]
-    starts = [None if rng.random() < 0.3 else int(rng.integers(0, len(d) + 1)) for d in documents]
-    packed = pack_documents(documents, 2, chunk_length, starts)
-    tokens, doc_ids, answer = reference_pack(documents, 2, chunk_length, starts)
+    packed = pack_documents(documents, 2, chunk_length)
+    tokens, doc_ids = reference_pack(documents, 2, chunk_length)
     assert packed.tokens.tolist() == tokens
     assert packed.doc_ids.tolist() == doc_ids
-    assert packed.answer_mask.tolist() == answer
 
 
 def test_pack_documents_exact_multiple_keeps_every_token():
     packed = pack_documents([[5, 6], [7]], eos_token_id=0, chunk_length=5)
     assert packed.tokens.tolist() == [[5, 6, 0, 7, 0]]
-    assert packed.answer_mask.sum() == 0
 
 
-def test_question_answer_packing_and_answer_mask(tmp_path, tokenizer):
+def test_question_answer_packing(tmp_path, tokenizer):
     source = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     config = DataConfig(
         sources=[SourceConfig(path=str(source), question_key="q", answer_key="a")],
@@ -102,17 +95,12 @@ def test_question_answer_packing_and_answer_mask(tmp_path, tokenizer):
         heldout_fraction=0.0,
     )
     data = prepare_data(config, tokenizer, progress=False)
-    documents, starts = reference_qa_documents(QA_ROWS, tokenizer)
-    tokens, doc_ids, answer = reference_pack(documents, tokenizer.eos_token_id, 16, starts)
+    documents = reference_qa_documents(QA_ROWS, tokenizer)
+    tokens, doc_ids = reference_pack(documents, tokenizer.eos_token_id, 16)
     assert data.train.tokens.tolist() == tokens
     assert data.train.doc_ids.tolist() == doc_ids
-    assert data.train.answer_mask.tolist() == answer
-    # The masked tokens of a document that lies wholly inside the packed prefix decode to its answer text.
-    flat_tokens, flat_docs, flat_mask = (
-        a.reshape(-1) for a in (data.train.tokens, data.train.doc_ids, data.train.answer_mask)
-    )
-    assert tokenizer.decode(flat_tokens[(flat_docs == 0) & flat_mask]) == QA_ROWS[0]["a"]
-    assert tokenizer.decode(flat_tokens[(flat_docs == 1) & ~flat_mask][:-1]) == QA_ROWS[1]["q"]  # last one is EOS
+    flat_tokens, flat_docs = data.train.tokens.reshape(-1), data.train.doc_ids.reshape(-1)
+    assert tokenizer.decode(flat_tokens[flat_docs == 0][:-1]) == QA_ROWS[0]["q"] + QA_ROWS[0]["a"]  # then EOS
 
 
 def test_sources_concatenate_in_order_with_text_files(tmp_path, tokenizer):
@@ -316,10 +304,6 @@ def test_batch_tokens_are_the_indexed_chunks(packed):
     batch = stream.next_batch(6)
     assert batch.tokens.dtype.is_floating_point is False and batch.tokens.shape == (6, 5)
     assert batch.tokens.tolist() == [packed.tokens[stream.chunk_index(i)].tolist() for i in batch.chunk_ids]
-    assert stream.answer_mask(batch.chunk_ids).shape == (6, 5)
-    assert stream.doc_ids(batch.chunk_ids).tolist() == [
-        packed.doc_ids[stream.chunk_index(i)].tolist() for i in batch.chunk_ids
-    ]
     assert [batch.step, stream.next_batch(2).step, stream.next_batch(2, step=9).step] == [0, 1, 9]
 
 
@@ -376,20 +360,3 @@ def test_heldout_batch_is_a_seeded_selection_spread_over_source_files(tmp_path, 
     empty = prepare_data(config.model_copy(update={"heldout_fraction": 0.0}), tokenizer, progress=False)
     with pytest.raises(DataError, match="no held-out chunk"):
         empty.heldout_batch()
-
-
-def test_prepare_run_data_uses_the_policy_tokenizer(tmp_path, tokenizer):
-    from ebft.config import build_config
-    from ebft.data import prepare_run_data
-
-    policy = tmp_path / "policy"
-    tokenizer.save_pretrained(policy)
-    (policy / "config.json").write_text("{}")
-    rows = [{"text": f"line {i} of the corpus"} for i in range(30)]
-    source = write_jsonl(tmp_path / "r.jsonl", rows)
-    config = build_config(
-        {"model": {"policy": str(policy)}, "data": {"sources": [{"path": str(source)}], "chunk_length": 16}}
-    )
-    data = prepare_run_data(config, progress=False)
-    direct = prepare_data(config.data, tokenizer, progress=False)
-    assert data.train.tokens.tolist() == direct.train.tokens.tolist() and len(data.train) > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -11,12 +10,11 @@ import pytest
 from ebft.evaluation.code import (
     HUMANEVAL_SIZE,
     HUMANEVAL_STOP_SEQUENCES,
+    CodeProblem,
     build_program,
     extract_code,
-    load_code_problems,
     load_humaneval,
     score_completions,
-    truncate_at_stop_sequences,
 )
 from ebft.evaluation.sandbox import Outcome, SandboxLimits
 
@@ -105,6 +103,12 @@ def test_helper_functions_used_by_the_body_are_kept(close_elements):
     assert score_completions([close_elements], [[completion]], limits=LIMITS).pass_at_k["pass@1"] == 1.0
 
 
+def truncate_at_stop_sequences(text: str) -> str:
+    """What a sampler given `stop=HUMANEVAL_STOP_SEQUENCES` returns: the text before the earliest one."""
+    cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOP_SEQUENCES) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 def test_stop_sequences_match_the_codex_convention(close_elements):
     completion = close_elements.canonical_solution + "\n\ndef helper():\n    pass\n"
     assert truncate_at_stop_sequences(completion) == close_elements.canonical_solution + "\n"
@@ -142,24 +146,20 @@ def test_fenced_body_closing_fence_and_echoed_prompt(close_elements):
         assert not extracted.standalone and extracted.code.strip() == body.strip()
 
 
-def test_jsonl_problems_with_a_question_prompt_and_assert_tests(tmp_path):
-    rows = [
-        {
-            "task_id": "add",
-            "prompt": "Write a function add(a, b) that returns the sum.",
-            "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"],
-        },
-        {
-            "prompt": 'def square(x):\n    """Return x squared."""\n',
-            "test": "def check(candidate):\n    assert candidate(3) == 9\n",
-            "entry_point": "square",
-        },
+def test_question_prompts_with_assert_tests_and_humaneval_style_problems_score_together():
+    problems = [
+        CodeProblem(
+            task_id="add",
+            prompt="Write a function add(a, b) that returns the sum.",
+            tests="assert add(1, 2) == 3\nassert add(-1, 1) == 0",
+        ),
+        CodeProblem(
+            task_id="square",
+            prompt='def square(x):\n    """Return x squared."""\n',
+            tests="def check(candidate):\n    assert candidate(3) == 9\n",
+            entry_point="square",
+        ),
     ]
-    path = tmp_path / "problems.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    problems = load_code_problems(str(path))
-    assert [p.task_id for p in problems] == ["add", "problems.jsonl/1"]
-    assert problems[0].tests == "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
     completions = [
         [
             "```python\nMEMO = {}\n\ndef add(a, b):\n    MEMO[(a, b)] = a + b\n"
@@ -171,13 +171,6 @@ def test_jsonl_problems_with_a_question_prompt_and_assert_tests(tmp_path):
     report = score_completions(problems, completions, k_values=(1, 2), limits=LIMITS)
     assert [p.outcomes for p in report.problems] == [[Outcome.PASSED, Outcome.ASSERTION]] * 2
     assert report.pass_at_k == {"pass@1": pytest.approx(0.5), "pass@2": pytest.approx(1.0)}
-
-
-def test_jsonl_without_tests_is_rejected(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(ValueError, match="tests"):
-        load_code_problems(str(path))
 
 
 def test_problem_program_layout_matches_humaneval(close_elements):

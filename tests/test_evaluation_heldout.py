@@ -196,6 +196,19 @@ def test_missing_model_is_a_config_error_before_any_work(tmp_path, monkeypatch, 
     assert "no-such-checkpoint" in capsys.readouterr().err
 
 
+def test_a_missing_comet_checkpoint_is_a_config_error_before_any_work(tmp_path, tiny_model_dir):
+    from ebft.evaluation.cli import EvalPlan
+
+    config = build_config({"model": {"policy": str(tiny_model_dir)}, "eval": {"comet_checkpoint": "gone/model.ckpt"}})
+    with pytest.raises(ConfigError, match="gone/model.ckpt"):
+        EvalPlan(str(tiny_model_dir), config, None)
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    config = build_config(
+        {"model": {"policy": str(tiny_model_dir)}, "eval": {"comet_checkpoint": str(tmp_path / "model.ckpt")}}
+    )
+    assert EvalPlan(str(tiny_model_dir), config, None).model_path == str(tiny_model_dir)
+
+
 def test_a_run_folder_means_its_newest_complete_checkpoint(tmp_path, tiny_model_dir):
     import shutil
 

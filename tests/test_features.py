@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from ebft.config import build_config
 from ebft.features.extractor import FeatureExtractor
-from ebft.features.pool import create_feature_workers
+from ebft.features.pool import create_feature_worker
 from ebft.features.pooling import feature_layer_indices, pool_blocks, token_features
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch
@@ -193,7 +193,7 @@ def documents(batch, start, stop):
 @pytest.mark.slow
 def test_two_workers_on_two_shards_return_the_features_of_one_worker_on_the_whole_batch(ray_cluster, tiny_model_dir):
     config = make_config("resources.features.num_actors=2", "resources.features.cpus_per_actor=0.5")
-    workers = create_feature_workers(config, tiny_model_dir)
+    workers = [create_feature_worker(config, tiny_model_dir, None, i) for i in range(2)]
     assert ray.get([worker.feature_dim.remote() for worker in workers], timeout=120) == [3 * 64, 3 * 64]
 
     batch = make_batch(num_docs=3, seed=4, chunk_ids=[30, 10, 20])

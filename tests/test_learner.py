@@ -7,7 +7,7 @@ import math
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from learner_reference import (
     N_SAMPLES,
     assert_gradients_match,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, make_tiny_llama, transformers_greedy
+from helpers import TINY_VOCAB, make_tiny_llama, transformers_greedy
 
 from ebft.actors.rollout import RolloutWorker, block_seed
 from ebft.config import build_config
@@ -196,15 +196,15 @@ def ray_session():
 def test_pool_actors_serialize_an_update_behind_a_running_chunk_batch(
     ray_session, worker, config, model_dir, new_weights_dir
 ):
-    from ebft.actors.pool import create_rollout_actors, wait_until_ready
+    from ebft.actors.pool import create_rollout_actor
 
     ray = ray_session
     pool_config = config.model_copy(deep=True)
     pool_config.resources.rollout.num_actors = 2
     pool_config.resources.rollout.cpus_per_actor = 1
-    actors = create_rollout_actors(pool_config, str(model_dir), enforce_eager=True)
+    actors = [create_rollout_actor(pool_config, str(model_dir), None, i, enforce_eager=True) for i in range(2)]
     try:
-        assert wait_until_ready(actors) == [0, 0]
+        assert ray.get([actor.weight_version.remote() for actor in actors]) == [0, 0]  # engines up
         # Seeds depend on (run seed, step, chunk, block) only: every engine samples the same tokens.
         small = random_chunks(2, step=1)
         local = worker.generate(small)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 from ebft.cluster.submit import submit
 

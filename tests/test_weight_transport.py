@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import transformers_greedy
+from helpers import transformers_greedy, weights_of
 
 from ebft.config import build_config
 from ebft.weight_transport import (
@@ -19,7 +19,6 @@ from ebft.weight_transport import (
     choose_transport,
     receive_weight_broadcast,
     state_dict_to_update,
-    update_to_state_dict,
 )
 
 
@@ -31,7 +30,7 @@ def test_state_dict_round_trip_keeps_names_dtypes_and_values():
     }
     update = state_dict_to_update(weights, version=7)
     assert update.version == 7 and isinstance(update.safetensors, bytes)
-    loaded = update_to_state_dict(update)
+    loaded = weights_of(update)
     assert sorted(loaded) == sorted(weights)
     for name, tensor in weights.items():
         assert loaded[name].dtype == tensor.dtype
@@ -54,7 +53,7 @@ def test_tied_embeddings_travel_once_under_the_embedding_name():
     )
     state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
-    loaded = update_to_state_dict(state_dict_to_update(state, 1))
+    loaded = weights_of(state_dict_to_update(state, 1))
     assert "lm_head.weight" not in loaded
     assert set(loaded) == set(state) - {"lm_head.weight"}
     assert torch.equal(loaded["model.embed_tokens.weight"], state["model.embed_tokens.weight"])

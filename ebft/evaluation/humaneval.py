@@ -8,12 +8,15 @@ sandbox's subprocesses, never in this process.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
 from ebft.config import Config
 from ebft.evaluation.code import HUMANEVAL_STOP_SEQUENCES, CodeProblem, load_humaneval, score_completions
-from ebft.evaluation.sandbox import SandboxLimits
+from ebft.evaluation.sandbox import SandboxLimits, isolation_summary
+
+log = logging.getLogger(__name__)
 
 CompleteFn = Callable[..., list[list[str]]]
 
@@ -58,11 +61,13 @@ def run_code_eval(complete: CompleteFn, problems: Sequence[CodeProblem], config:
     if not problems:
         return {}
     completions = generate_completions(complete, problems, config)
+    limits = SandboxLimits(timeout_s=config.eval.timeout_s)
+    log.info("running generated code in the sandbox: %s", isolation_summary(limits))
     report = score_completions(
         problems,
         completions,
         k_values=k_values(config.eval.num_completions),
-        limits=SandboxLimits(timeout_s=config.eval.timeout_s),
+        limits=limits,
         workers=max(1, min(MAX_SANDBOX_WORKERS, os.cpu_count() or 1)),
     )
     metrics = report.metrics(prefix=METRIC_PREFIX)

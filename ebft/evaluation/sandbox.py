@@ -181,7 +181,7 @@ def _drop_id(prefix: Sequence[str]) -> int:
 
 
 def isolation_summary(limits: SandboxLimits | None = None) -> dict[str, object]:
-    """Which protection layers are active on this machine (for logs and tests)."""
+    """Which protection layers are active on this machine (logged before generated code runs)."""
     limits = limits or SandboxLimits()
     prefix = namespace_prefix() if limits.isolate_namespaces else ()
     cgroup = pids_cgroup_parent() if limits.use_cgroup else None

@@ -48,13 +48,3 @@ def create_feature_worker(config: Config, model_path: str | os.PathLike, placeme
             placement_group=placement_group, placement_group_bundle_index=bundle_index
         )
     return ray.remote(FeatureWorker).options(**options).remote(str(model_path), config)
-
-
-def create_feature_workers(
-    config: Config, model_path: str | os.PathLike, placement_group=None, bundle_offset: int = 0
-) -> list:
-    """`resources.features.num_actors` workers; worker i in bundle `bundle_offset + i`."""
-    return [
-        create_feature_worker(config, model_path, placement_group, bundle_offset + index)
-        for index in range(config.resources.features.num_actors)
-    ]
