@@ -24,7 +24,7 @@ def stdlib_chunks(tokenizer_path: str, docs: int, length: int):
     import torch
     from transformers import AutoTokenizer
 
-    from ebft.data import python_stdlib_files
+    from ebft.data.chunks import python_stdlib_files
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     ids: list[int] = []

@@ -72,7 +72,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from ebft.models import smollm2_path
+    from ebft.model_sources import smollm2_path
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_path()), dtype=torch.float32, attn_implementation="sdpa")
     model.train()

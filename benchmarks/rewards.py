@@ -12,7 +12,7 @@ import time
 import torch
 from _timing import best_time, emit
 
-from ebft.learner.rewards import compute_rewards
+from ebft.rewards import compute_rewards
 
 
 def per_group_rewards(X, y, a=1.0, d=1.0, tol=1e-5):

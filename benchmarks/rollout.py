@@ -132,7 +132,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.model == "smollm2":
-            from ebft.models import smollm2_path
+            from ebft.model_sources import smollm2_path
 
             model_path = str(smollm2_path())
         else:

@@ -63,7 +63,7 @@ def main() -> None:
 
     from ebft.actors.rollout import RolloutWorker
     from ebft.learner.group import LearnerGroup
-    from ebft.models import smollm2_path
+    from ebft.model_sources import smollm2_path
 
     model_path = str(smollm2_path())
     config = build_config(

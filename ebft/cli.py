@@ -25,7 +25,7 @@ def _load_config(args: argparse.Namespace):
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
-    from ebft.models import prepare_smollm2
+    from ebft.model_sources import prepare_smollm2
 
     path = prepare_smollm2(args.cache_dir, progress=not args.quiet)
     print(path)
@@ -63,7 +63,7 @@ def _eval(args: argparse.Namespace) -> int:
     if model_or_checkpoint is None:
         raise ConfigError("ebft eval needs MODEL_OR_CHECKPOINT: a checkpoint, model or run folder, or `smollm2`")
     config = load_config(args.config, [*args.overrides, *args.overrides_after_config])
-    from ebft.evaluation.cli import run
+    from ebft.evaluation.checkpoint_eval import run
 
     run(model_or_checkpoint, config, output=args.output)
     return 0

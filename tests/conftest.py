@@ -57,7 +57,7 @@ def tiny_tied_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_with_tokenizer(tmp_path_factory):
     """A random tiny Llama over SmolLM2's real tokenizer, so real text data can be packed for it."""
-    from ebft.models import smollm2_tokenizer
+    from ebft.model_sources import smollm2_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny-llama-tokenizer")
     tokenizer = smollm2_tokenizer()

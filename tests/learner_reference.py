@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ebft.config import build_config
-from ebft.learner.rewards import compute_rewards
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.rewards import compute_rewards
 
 T, C, S_, G, N_SAMPLES, D = 24, 4, 4, 4, 3, 16
 NB = (T - G - C) // S_ + 1

@@ -46,7 +46,7 @@ def test_train_parses_config_overrides_and_resume(monkeypatch, config_file):
 
 def test_submit_and_eval_dispatch(monkeypatch, config_file):
     submitted = install_fake(monkeypatch, "ebft.cluster.submit", "main_submit")
-    evaluated = install_fake(monkeypatch, "ebft.evaluation.cli", "run")
+    evaluated = install_fake(monkeypatch, "ebft.evaluation.checkpoint_eval", "run")
     cli.main(["submit", str(config_file), "training.steps=3", "--address", "http://127.0.0.1:8265"])
     assert submitted[0] == (
         (str(config_file), ["training.steps=3"]),
@@ -75,9 +75,9 @@ def test_config_errors_print_cleanly(config_file, capsys):
 
 
 def test_models_prepare_prints_the_path(monkeypatch, tmp_path, capsys):
-    import ebft.models
+    import ebft.model_sources
 
-    monkeypatch.setattr(ebft.models, "prepare_smollm2", lambda cache_dir, progress: Path(cache_dir) / "smollm2")
+    monkeypatch.setattr(ebft.model_sources, "prepare_smollm2", lambda cache_dir, progress: Path(cache_dir) / "smollm2")
     assert cli.main(["models", "prepare", "smollm2", "--cache-dir", str(tmp_path), "-q"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "smollm2")
 

@@ -138,7 +138,7 @@ def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny
     from transformers import AutoTokenizer
 
     from ebft.actors.pool import create_rollout_actor
-    from ebft.data import prepare_data
+    from ebft.data.chunks import prepare_data
     from ebft.features.pool import create_feature_worker
     from ebft.learner.group import LearnerGroup
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ebft.config import DataConfig, SourceConfig
-from ebft.data import (
+from ebft.data.chunks import (
     ChunkStream,
     DataError,
     is_heldout,
@@ -27,7 +27,7 @@ from ebft.data import (
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from ebft.models import smollm2_tokenizer
+    from ebft.model_sources import smollm2_tokenizer
 
     return smollm2_tokenizer()
 
@@ -252,7 +252,7 @@ def test_python_stdlib_listing_and_split_are_stable_across_processes():
     assert 0.05 < len(heldout) / len(keys) < 0.15
     # A fresh interpreter with a different hash seed computes the same split (no use of Python's hash()).
     script = (
-        "from ebft.data import python_stdlib_files, is_heldout; "
+        "from ebft.data.chunks import python_stdlib_files, is_heldout; "
         "print(sorted(k for k, _ in python_stdlib_files() if is_heldout(k, 0.1)))"
     )
     output = subprocess.run(

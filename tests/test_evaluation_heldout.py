@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from ebft import cli
 from ebft.config import ConfigError, build_config
-from ebft.evaluation.cli import (
+from ebft.evaluation.checkpoint_eval import (
     default_metrics_path,
     document_cross_entropy,
     load_causal_lm,
@@ -183,12 +183,12 @@ def test_humaneval_pass_at_k_from_known_completions():
 
 
 def test_missing_model_is_a_config_error_before_any_work(tmp_path, monkeypatch, capsys):
-    import ebft.data
+    import ebft.data.chunks
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("data was prepared for a model that does not exist")
 
-    monkeypatch.setattr(ebft.data, "prepare_data", must_not_run)
+    monkeypatch.setattr(ebft.data.chunks, "prepare_data", must_not_run)
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(ConfigError, match="no-such-checkpoint"):
         run(str(missing), build_config())
@@ -197,7 +197,7 @@ def test_missing_model_is_a_config_error_before_any_work(tmp_path, monkeypatch, 
 
 
 def test_a_missing_comet_checkpoint_is_a_config_error_before_any_work(tmp_path, tiny_model_dir):
-    from ebft.evaluation.cli import EvalPlan
+    from ebft.evaluation.checkpoint_eval import EvalPlan
 
     config = build_config({"model": {"policy": str(tiny_model_dir)}, "eval": {"comet_checkpoint": "gone/model.ckpt"}})
     with pytest.raises(ConfigError, match="gone/model.ckpt"):
@@ -230,9 +230,9 @@ def test_eval_command_reads_overrides_after_the_config(monkeypatch, tmp_path):
     import types
 
     calls = []
-    fake = types.ModuleType("ebft.evaluation.cli")
+    fake = types.ModuleType("ebft.evaluation.checkpoint_eval")
     fake.run = lambda *args, **kwargs: calls.append((args, kwargs))
-    monkeypatch.setitem(sys.modules, "ebft.evaluation.cli", fake)
+    monkeypatch.setitem(sys.modules, "ebft.evaluation.checkpoint_eval", fake)
     config_file = tmp_path / "eval.yaml"
     config_file.write_text("eval:\n  num_docs: 3\n")
     config = str(config_file)
@@ -247,7 +247,7 @@ def test_eval_command_reads_overrides_after_the_config(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_ebft_eval_end_to_end_on_smollm2(tmp_path):
-    from ebft.models import smollm2_path
+    from ebft.model_sources import smollm2_path
 
     translations = tmp_path / "translation.jsonl"
     translations.write_text(

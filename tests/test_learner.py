@@ -25,8 +25,8 @@ from ebft.layout import BlockPlan
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.batches import prepare_inputs, shard_batches
 from ebft.learner.engine import LearnerRank
-from ebft.learner.rewards import compute_rewards
 from ebft.messages import ChunkBatch, RolloutBatch
+from ebft.rewards import compute_rewards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ebft.learner.rewards import compute_rewards
+from ebft.rewards import compute_rewards
 
 
 def reference_group(X, y, whitening, a, d, tol=1e-5):

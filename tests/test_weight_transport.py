@@ -232,7 +232,7 @@ def test_smollm2_update_with_tied_embeddings_makes_greedy_follow_the_new_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ebft.actors.rollout import RolloutWorker
-    from ebft.models import smollm2_path
+    from ebft.model_sources import smollm2_path
 
     path = str(smollm2_path())
     config = build_config(

@@ -86,7 +86,7 @@ class RolloutWorker:
         - `max_num_batched_tokens`: tokens per engine step (the uncached prompt tails are prefilled
           in as few steps as possible).
         """
-        from ebft.models import resolve_model_path
+        from ebft.model_sources import resolve_model_path
 
         self.config = config
         self.plan = BlockPlan.from_config(config)

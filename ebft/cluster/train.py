@@ -113,11 +113,11 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
     from transformers import AutoTokenizer
 
     from ebft.actors.pool import create_rollout_actor
-    from ebft.data import prepare_data
+    from ebft.data.chunks import prepare_data
     from ebft.features.pool import create_feature_worker
     from ebft.learner.checkpoint import checkpoint_path
     from ebft.learner.group import LearnerGroup
-    from ebft.models import resolve_model_path
+    from ebft.model_sources import resolve_model_path
 
     # Everything that can be wrong with the inputs fails here, before any actor starts.
     policy_path = resolve_model_path(config.model.policy)
@@ -298,7 +298,7 @@ def throughput(config: Config, result: StepResult) -> dict[str, float]:
 
 def sample_rows(config: Config, tokenizer, result: StepResult, blocks: int = 4) -> list[dict[str, Any]]:
     """(prefix tail, rollout, ground truth, reward) of a few blocks of the step's first document."""
-    from ebft.learner.rewards import compute_rewards
+    from ebft.rewards import compute_rewards
 
     plan = BlockPlan.from_config(config)
     rollout, features = result.rollouts[0], result.features[0]

@@ -24,9 +24,9 @@ import torch
 
 from ebft.config import Config
 from ebft.evaluation.stats import Difference, paired_difference
-from ebft.learner.rewards import compute_rewards
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 from ebft.objective import cfm_plugin, cfm_unbiased
+from ebft.rewards import compute_rewards
 
 # Sampling seeds of held-out rollouts come from this step number (plus eval.seed), far from any training step.
 EVAL_SEED_STEP = 1 << 30

@@ -8,9 +8,9 @@ import torch
 
 from ebft.config import Config
 from ebft.layout import BlockPlan
-from ebft.learner.rewards import compute_rewards
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 from ebft.objective import cfm_unbiased
+from ebft.rewards import compute_rewards
 
 
 def slice_batches(

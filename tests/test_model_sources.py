@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-import ebft.models as models
+import ebft.model_sources as models
 from ebft.config import ConfigError
-from ebft.models import prepare_smollm2, resolve_model_path
+from ebft.model_sources import prepare_smollm2, resolve_model_path
 
 
 def fake_convert(gguf_file, destination):

@@ -41,7 +41,7 @@ TRANSLATION_STOP = ("\n",)
 def resolve_evaluated_model(model_or_checkpoint: str) -> str:
     """A model folder, checkpoint, `smollm2`, hub id, or a run folder (-> its newest complete checkpoint)."""
     from ebft.learner.checkpoint import latest_checkpoint
-    from ebft.models import resolve_model_path
+    from ebft.model_sources import resolve_model_path
 
     path = Path(model_or_checkpoint).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
@@ -71,7 +71,7 @@ class EvalPlan:
 
     def __init__(self, model_or_checkpoint: str, config: Config, output: str | None):
         from ebft.evaluation.code import humaneval_path
-        from ebft.models import resolve_model_path
+        from ebft.model_sources import resolve_model_path
 
         settings = config.eval
         self.model_path = resolve_evaluated_model(model_or_checkpoint)
@@ -245,7 +245,7 @@ def write_metrics(path: Path, evaluation: Evaluation, plan: EvalPlan, config: Co
 def _load_heldout(plan: EvalPlan, config: Config) -> tuple[ChunkBatch, list[int]]:
     from transformers import AutoTokenizer
 
-    from ebft.data import prepare_data
+    from ebft.data.chunks import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_source, trust_remote_code=config.model.trust_remote_code)
     data = prepare_data(config.data, tokenizer, progress=False)

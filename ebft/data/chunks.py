@@ -3,7 +3,7 @@
 Packing follows the authors' code: each example is tokenized without special tokens (question and
 answer separately, then concatenated, no chat template), an EOS follows every example, and the token
 stream is cut into chunks of T = data.chunk_length tokens; the trailing partial chunk is dropped.
-Sources, the held-out split and the bad-row report live in `ebft.data_sources`.
+Sources, the held-out split and the bad-row report live in `ebft.data.sources`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ebft.config import DataConfig, SourceConfig
-from ebft.data_sources import (  # noqa: F401  (re-exported: the data API in one place)
+from ebft.data.sources import (  # noqa: F401  (re-exported: the data API in one place)
     DataError,
     DataReport,
     Example,
