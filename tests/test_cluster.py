@@ -59,6 +59,11 @@ def test_pipeline_end_to_end(local_ray, tiny_model_with_tokenizer, tmp_path):
     ]
     assert [e["step"] for e in evals] == [0, 2, 3]
     assert summary.plot is not None and summary.plot.exists()
+    # Each actor's own output (vLLM, DeepSpeed, warnings) is in its file, not on the console.
+    logs = summary.run_dir / "logs"
+    assert sorted(p.name for p in logs.glob("*.log")) == ["features-0.log", "learner-0.log", "rollout-0.log"]
+    engine_output = (logs / "rollout-0.log").read_text()
+    assert "INFO" in engine_output and "Loading" in engine_output, engine_output[-2000:]
     trained = AutoModelForCausalLM.from_pretrained(summary.checkpoint)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_with_tokenizer)
     assert not torch.equal(trained.model.embed_tokens.weight, base.model.embed_tokens.weight)

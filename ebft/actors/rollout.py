@@ -75,6 +75,7 @@ class RolloutWorker:
         max_model_len: int | None = None,
         max_num_seqs: int = 1024,
         max_num_batched_tokens: int = 16384,
+        log_file: str | None = None,
     ) -> None:
         """Builds the engine (seconds to a minute). Tuning knobs, defaults fit EBFT rollouts:
 
@@ -85,9 +86,12 @@ class RolloutWorker:
           so vLLM's default of 256 would split 8 chunks into four rounds.
         - `max_num_batched_tokens`: tokens per engine step (the uncached prompt tails are prefilled
           in as few steps as possible).
+        - `log_file`: as a Ray actor of a run, the engine's output goes there (ebft.actor_output).
         """
+        from ebft.actor_output import send_output_to
         from ebft.model_sources import resolve_model_path
 
+        send_output_to(log_file)
         self.config = config
         self.plan = BlockPlan.from_config(config)
         self.transport = choose_transport(config)

@@ -69,7 +69,9 @@ class Monitor:
             dir=str(self.run_dir),
             config=self.config.model_dump(mode="json"),
             resume="allow" if resumed else None,
+            settings=wandb.Settings(silent=True),  # its banner is five lines; the one that matters is below
         )
+        log.info("W&B (%s): %s", logging_config.wandb_mode, run.url or Path(run.dir).parent)
         run.define_metric("step")
         for prefix in ("train", "eval", "timing", "perf"):
             run.define_metric(f"{prefix}/*", step_metric="step")

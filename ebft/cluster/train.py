@@ -35,8 +35,8 @@ HUMANEVAL_MAX_PROMPT_TOKENS = 768
 # ebft.actors.pool; DeepSpeed picks its accelerator on each learner's own node).
 JOB_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
-    # Keep the console readable: the actors' logs are streamed to the driver.
-    "VLLM_LOGGING_LEVEL": "WARNING",
+    # Everything an actor logs goes to its file in <run>/logs (ebft.actor_output), so keep all of vLLM's.
+    "VLLM_LOGGING_LEVEL": "INFO",
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
@@ -119,6 +119,8 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
     from ebft.learner.group import LearnerGroup
     from ebft.model_sources import resolve_model_path
 
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns, in every process, that it found no GPU
     # Everything that can be wrong with the inputs fails here, before any actor starts.
     policy_path = resolve_model_path(config.model.policy)
     feature_path = resolve_model_path(config.model.feature_model or config.model.policy)
@@ -131,21 +133,27 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
     connect_ray(config, address)
     groups = create_placement_groups(config)
     start = _read_start(checkpoint)
+    logs = (run_dir / "logs").resolve()  # every actor's own output; the console shows the run's
+    log.info("actor logs: %s", logs)
     # HumanEval prompts and completions are longer than a training chunk.
     max_model_len = config.data.chunk_length + config.sampling.block_length
     if config.eval.every and config.eval.humaneval_problems:
         max_model_len = max(max_model_len, HUMANEVAL_MAX_PROMPT_TOKENS + config.eval.max_new_tokens)
     rollout_pool = ActorPool(
         "rollout",
-        lambda i: create_rollout_actor(config, policy_path, groups["rollout"], i, max_model_len=max_model_len),
+        lambda i: create_rollout_actor(
+            config, policy_path, groups["rollout"], i, max_model_len=max_model_len, log_file=f"{logs}/rollout-{i}.log"
+        ),
         config.resources.rollout.num_actors,
     )
     feature_pool = ActorPool(
         "features",
-        lambda i: create_feature_worker(config, feature_path, groups["features"], i),
+        lambda i: create_feature_worker(
+            config, feature_path, groups["features"], i, log_file=f"{logs}/features-{i}.log"
+        ),
         config.resources.features.num_actors,
     )
-    learner = LearnerGroup(config, policy_path, groups["learner"])
+    learner = LearnerGroup(config, policy_path, groups["learner"], log_dir=logs)
     if choose_transport(config) == NCCL:
         learner.connect_weight_receivers(list(rollout_pool))
     if checkpoint:

@@ -18,7 +18,10 @@ from ebft.messages import FeatureBatch, RolloutBatch
 class FeatureWorker:
     """Ray actor body around `FeatureExtractor`; only pooled features leave it."""
 
-    def __init__(self, model_path: str | os.PathLike, config: Config):
+    def __init__(self, model_path: str | os.PathLike, config: Config, log_file: str | None = None):
+        from ebft.actor_output import send_output_to
+
+        send_output_to(log_file)
         # Imported here so the driver process never loads the feature model's dependencies for nothing.
         from ebft.features.extractor import FeatureExtractor
 
@@ -35,7 +38,13 @@ class FeatureWorker:
         return self.extractor.feature_dim
 
 
-def create_feature_worker(config: Config, model_path: str | os.PathLike, placement_group=None, bundle_index: int = 0):
+def create_feature_worker(
+    config: Config,
+    model_path: str | os.PathLike,
+    placement_group=None,
+    bundle_index: int = 0,
+    log_file: str | None = None,
+):
     """One worker requesting `resources.features` GPUs / CPUs, in bundle `bundle_index` of the group if given.
 
     `model_path` is the feature network's folder: `model.feature_model` if set, else the base policy
@@ -47,4 +56,4 @@ def create_feature_worker(config: Config, model_path: str | os.PathLike, placeme
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement_group, placement_group_bundle_index=bundle_index
         )
-    return ray.remote(FeatureWorker).options(**options).remote(str(model_path), config)
+    return ray.remote(FeatureWorker).options(**options).remote(str(model_path), config, log_file)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -24,9 +25,12 @@ if TYPE_CHECKING:
 class LearnerRankActor:
     """Ray actor body: one process, one rank, built once the rendezvous address is known."""
 
-    def __init__(self, cpus: float):
+    def __init__(self, cpus: float, log_file: str | None = None):
         import torch
 
+        from ebft.actor_output import send_output_to
+
+        send_output_to(log_file)
         torch.set_num_threads(max(1, int(cpus)))
         self.learner = None
 
@@ -99,7 +103,9 @@ class LearnerGroup:
         placement_group=None,
         *,
         bundle_indices: Sequence[int] | None = None,
+        log_dir: str | os.PathLike | None = None,
     ):
+        """`log_dir`: each rank's output goes to `learner-<rank>.log` there (None: where Ray sends it)."""
         resources = config.resources.learner
         self.config = config
         self.world_size = resources.num_actors
@@ -112,7 +118,8 @@ class LearnerGroup:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=bundles[rank]
                 )
-            self.actors.append(remote_cls.options(**options).remote(resources.cpus_per_actor))
+            log_file = None if log_dir is None else str(Path(log_dir) / f"learner-{rank}.log")
+            self.actors.append(remote_cls.options(**options).remote(resources.cpus_per_actor, log_file))
         try:
             master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
             # Each GPU actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), hence local rank 0.
