@@ -12,6 +12,7 @@ import time
 import torch
 from _timing import best_time, emit
 
+from ebft.config import RewardConfig
 from ebft.rewards import compute_rewards
 
 
@@ -45,14 +46,14 @@ def main():
     X = torch.nn.functional.normalize(torch.randn(args.docs, args.blocks, args.samples, args.dim), dim=-1)
     y = torch.nn.functional.normalize(torch.randn(args.docs, args.blocks, args.dim), dim=-1)
 
-    kernel = best_time(lambda: compute_rewards(X, y, diversity_coef=1.0, whitening="sample"))
+    kernel = best_time(lambda: compute_rewards(X, y, RewardConfig(diversity_coef=1.0, whitening="sample")))
     flat = X.flatten(0, 1)
     gram = best_time(lambda: torch.bmm(flat, flat.transpose(1, 2)))
     start = time.perf_counter()
     reference = per_group_rewards(X, y)
     loop = time.perf_counter() - start
 
-    fast = compute_rewards(X, y, diversity_coef=1.0, whitening="sample").advantages
+    fast = compute_rewards(X, y, RewardConfig(diversity_coef=1.0, whitening="sample")).advantages
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
     groups = args.docs * args.blocks
     print(f"groups={groups} n={args.samples} D={args.dim} float32, torch threads={torch.get_num_threads()}")

@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from ebft.config import RewardConfig
+
 Whitening = Literal["none", "sample", "feature"]
 _EPS = 1e-12
 
@@ -83,16 +85,9 @@ def _whitened_products(X: torch.Tensor, y: torch.Tensor, whitening: Whitening, t
     return n * P_offdiag_sum, n * _matvec(U, inv * UtXy), n * P_diag, y_norm2
 
 
-def compute_rewards(
-    rollout_features: torch.Tensor,
-    gt_features: torch.Tensor,
-    *,
-    alignment_coef: float = 1.0,
-    diversity_coef: float = 1.0,
-    whitening: Whitening = "sample",
-    tol: float = 1e-5,
-) -> Rewards:
-    """Rewards and advantages for rollout_features [..., n, D] against gt_features [..., D].
+def compute_rewards(rollout_features: torch.Tensor, gt_features: torch.Tensor, reward: RewardConfig) -> Rewards:
+    """Rewards and advantages for rollout_features [..., n, D] against gt_features [..., D], with the run's
+    `reward` settings (coefficients a and d, whitening, tol).
 
     Batched over all leading dimensions. Returns float32 tensors [..., n]. Degenerate groups
     (identical rollouts, zero features) give finite values.
@@ -107,11 +102,11 @@ def compute_rewards(
     if n < 2:
         raise ValueError(f"need n >= 2 rollouts per group for a leave-one-out baseline (got n={n})")
 
-    offdiag_sum, xy, xx, yy = _whitened_products(X, y, whitening, tol)
+    offdiag_sum, xy, xx, yy = _whitened_products(X, y, reward.whitening, reward.tol)
     alignment = 2 * xy / (xx.clamp_min(0).sqrt() * yy.clamp_min(0).sqrt()).clamp_min(_EPS)
     diversity = 2 / (n - 1) * offdiag_sum
 
-    a, d = alignment_coef, diversity_coef
+    a, d = reward.alignment_coef, reward.diversity_coef
     rewards = a * alignment - d * diversity
     baseline = a * (alignment.sum(-1, keepdim=True) - alignment) / (n - 1)
     if n > 2:

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
-from ebft.config import build_config
+from ebft.config import RewardConfig, build_config
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 from ebft.rewards import compute_rewards
 
@@ -105,9 +105,7 @@ def reference_advantages(rollout_features, gt_features, config):
                 groups = compute_rewards(
                     X[None].float(),
                     y[None].float(),
-                    alignment_coef=a,
-                    diversity_coef=d,
-                    whitening=config.reward.whitening,
+                    RewardConfig(alignment_coef=a, diversity_coef=d, whitening=config.reward.whitening),
                 )
                 out[i, :, k] = groups.advantages[0].double()
                 continue

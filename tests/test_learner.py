@@ -21,6 +21,7 @@ from learner_reference import (
 )
 from transformers import AutoModelForCausalLM
 
+from ebft.config import RewardConfig
 from ebft.layout import BlockPlan
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.batches import prepare_inputs, shard_batches
@@ -139,7 +140,7 @@ def test_batches_are_validated_and_sharded():
     )
     inputs = prepare_inputs([a[0]], [a[1]], 2, config, plan)
     expected = compute_rewards(
-        a[1].rollout_features[1, :, 3], a[1].gt_features[1, 3], diversity_coef=0.5, whitening="none"
+        a[1].rollout_features[1, :, 3], a[1].gt_features[1, 3], RewardConfig(diversity_coef=0.5, whitening="none")
     )
     torch.testing.assert_close(inputs.advantages[1, :, 3], expected.advantages)
     with pytest.raises(ValueError, match="max_staleness"):

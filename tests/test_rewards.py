@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ebft.config import RewardConfig
 from ebft.rewards import compute_rewards
 
 
@@ -50,7 +51,7 @@ def test_batched_kernel_matches_float64_loops(whitening, n):
     X = torch.randn(3, 5, n, 32, generator=gen)
     y = torch.randn(3, 5, 32, generator=gen)
     a, d = 1.0, 0.5
-    out = compute_rewards(X, y, alignment_coef=a, diversity_coef=d, whitening=whitening)
+    out = compute_rewards(X, y, RewardConfig(alignment_coef=a, diversity_coef=d, whitening=whitening))
     for idx in itertools.product(range(3), range(5)):
         ref = reference_group(X[idx].numpy(), y[idx].numpy(), whitening, a, d)
         for got, want in zip((out.alignment, out.diversity, out.rewards, out.advantages), ref):
@@ -61,7 +62,7 @@ def test_whitened_distinct_rollouts_have_no_diversity():
     X = torch.randn(7, 4, 64)
     y = torch.randn(7, 64)
     for whitening in ("sample", "feature"):
-        out = compute_rewards(X, y, whitening=whitening)
+        out = compute_rewards(X, y, RewardConfig(whitening=whitening))
         torch.testing.assert_close(out.diversity, torch.zeros(7, 4), atol=1e-5, rtol=0)
 
 
@@ -69,22 +70,22 @@ def test_whitened_distinct_rollouts_have_no_diversity():
 def test_duplicate_pair_at_n4_gives_the_published_diversity(whitening, expected):
     base = torch.randn(3, 48)
     X = torch.stack([base[0], base[0], base[1], base[2]])
-    out = compute_rewards(X, torch.randn(48), whitening=whitening)
+    out = compute_rewards(X, torch.randn(48), RewardConfig(whitening=whitening))
     torch.testing.assert_close(out.diversity, torch.tensor([expected, expected, 0.0, 0.0]), atol=1e-4, rtol=0)
     ref = reference_group(X.numpy(), torch.zeros(48).numpy() + 1, whitening, 1.0, 1.0)
     np.testing.assert_allclose(
-        compute_rewards(X, torch.ones(48), whitening=whitening).diversity.numpy(), ref[1], atol=1e-4
+        compute_rewards(X, torch.ones(48), RewardConfig(whitening=whitening)).diversity.numpy(), ref[1], atol=1e-4
     )
 
 
 def test_baseline_of_a_sample_ignores_that_sample():
     X = torch.randn(5, 64)
     y = torch.randn(64)
-    first = compute_rewards(X, y, whitening="none", diversity_coef=1.0)
+    first = compute_rewards(X, y, RewardConfig(whitening="none", diversity_coef=1.0))
     for j in range(5):
         moved = X.clone()
         moved[j] = torch.randn(64)
-        second = compute_rewards(moved, y, whitening="none", diversity_coef=1.0)
+        second = compute_rewards(moved, y, RewardConfig(whitening="none", diversity_coef=1.0))
         baseline_before = first.rewards[j] - first.advantages[j]
         baseline_after = second.rewards[j] - second.advantages[j]
         torch.testing.assert_close(baseline_after, baseline_before, atol=1e-5, rtol=1e-5)
@@ -98,7 +99,7 @@ def test_degenerate_groups_are_finite(whitening):
     zeros = torch.zeros(4, 16)
     X = torch.stack([identical, zeros, torch.cat([zeros[:2], identical[:2]])])
     y = torch.stack([v, torch.zeros(16), v])
-    out = compute_rewards(X, y, whitening=whitening)
+    out = compute_rewards(X, y, RewardConfig(whitening=whitening))
     for t in (out.alignment, out.diversity, out.rewards, out.advantages):
         assert torch.isfinite(t).all()
     # Identical rollouts: every sample gets the same reward, so no sample is preferred.
@@ -107,9 +108,9 @@ def test_degenerate_groups_are_finite(whitening):
 
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="disagree"):
-        compute_rewards(torch.randn(2, 4, 8), torch.randn(3, 8))
+        compute_rewards(torch.randn(2, 4, 8), torch.randn(3, 8), RewardConfig())
     with pytest.raises(ValueError, match="n >= 2"):
-        compute_rewards(torch.randn(2, 1, 8), torch.randn(2, 8))
+        compute_rewards(torch.randn(2, 1, 8), torch.randn(2, 8), RewardConfig())
 
 
 @pytest.mark.parametrize("diversity_coef, unbiased", [(1.0, True), (0.0, False)])
@@ -128,7 +129,9 @@ def test_reinforce_with_diversity_coef_1_is_unbiased_for_the_cfm_gradient(divers
     p = probs.detach()
     samples = torch.multinomial(p.expand(groups, K), n, replacement=True)  # [groups, n]
     out = compute_rewards(
-        phi[samples].float(), phi_y.float().expand(groups, D), diversity_coef=diversity_coef, whitening="none"
+        phi[samples].float(),
+        phi_y.float().expand(groups, D),
+        RewardConfig(diversity_coef=diversity_coef, whitening="none"),
     )
     score = torch.nn.functional.one_hot(samples, K).double() - p  # d log p(y) / d logits
     per_group = (out.advantages.double().unsqueeze(-1) * score).mean(1)  # [groups, K]

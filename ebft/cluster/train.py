@@ -311,12 +311,9 @@ def sample_rows(config: Config, tokenizer, result: StepResult, blocks: int = 4) 
     plan = BlockPlan.from_config(config)
     rollout, features = result.rollouts[0], result.features[0]
     rewards = compute_rewards(
-        features.rollout_features[0].transpose(0, 1),  # [NB, n, D]
+        features.rollout_features[0].transpose(0, 1),
         features.gt_features[0],
-        alignment_coef=config.reward.alignment_coef,
-        diversity_coef=config.reward.diversity_coef,
-        whitening=config.reward.whitening,
-        tol=config.reward.tol,
+        config.reward,  # [NB, n, D], [NB, D]
     ).rewards
     doc = rollout.chunks.tokens[0]
     rows = []

@@ -60,15 +60,7 @@ class Evaluation:
 def feature_metrics(config: Config, features: FeatureBatch) -> dict[str, torch.Tensor]:
     """Per-chunk [docs] values: unbiased and plug-in CFM (means over blocks), alignment reward pass@1/pass@k."""
     groups = features.rollout_features.transpose(1, 2)  # [docs, NB, n, D]
-    r = config.reward
-    alignment = compute_rewards(
-        groups,
-        features.gt_features,
-        alignment_coef=r.alignment_coef,
-        diversity_coef=r.diversity_coef,
-        whitening=r.whitening,
-        tol=r.tol,
-    ).alignment  # [docs, NB, n]
+    alignment = compute_rewards(groups, features.gt_features, config.reward).alignment  # [docs, NB, n]
     return {
         "eval/cfm": cfm_unbiased(features.rollout_features, features.gt_features).mean(-1),
         "eval/cfm_plugin": cfm_plugin(features.rollout_features, features.gt_features).mean(-1),

@@ -88,14 +88,7 @@ def prepare_inputs(
     gt_features = torch.cat([f.gt_features for f in features])  # [N, NB, D]
     reward_cfg = config.reward
     # compute_rewards groups over the second-to-last axis: [N, NB, n, D] -> results [N, NB, n].
-    result = compute_rewards(
-        rollout_features.transpose(1, 2),
-        gt_features,
-        alignment_coef=reward_cfg.alignment_coef,
-        diversity_coef=reward_cfg.diversity_coef,
-        whitening=reward_cfg.whitening,
-        tol=reward_cfg.tol,
-    )
+    result = compute_rewards(rollout_features.transpose(1, 2), gt_features, reward_cfg)
     per_sequence = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  [N, NB, n] -> [N, n, NB]
     stale = torch.cat([torch.full((r.tokens.shape[0],), r.weight_version < current_version) for r in rollouts])
     return StepInputs(
