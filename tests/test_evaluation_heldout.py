@@ -14,7 +14,6 @@ from ebft import cli
 from ebft.config import ConfigError, build_config
 from ebft.evaluation.checkpoint_eval import (
     default_metrics_path,
-    document_cross_entropy,
     load_causal_lm,
     resolve_evaluated_model,
     run,
@@ -23,6 +22,7 @@ from ebft.evaluation.code import HUMANEVAL_STOP_SEQUENCES
 from ebft.evaluation.heldout import HeldoutEvaluator
 from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
 from ebft.features.extractor import FeatureExtractor
+from ebft.learner.loss import chunks_document_ce
 from ebft.messages import ChunkBatch, RolloutBatch
 
 # T=16, C=4, s=4, G=4 -> NB=3 blocks; n=3 samples; the tiny Llama has 4 layers -> feature layers 1, 2, 3.
@@ -103,7 +103,7 @@ def test_heldout_metrics_match_hand_computation(tiny_model_dir, pooling, one_thr
         generate,
         FeatureExtractor(tiny_model_dir, config, device="cpu").extract,
         # 16 tokens per forward: one document at a time, so the micro-batching is exercised too.
-        lambda tokens: document_cross_entropy(policy, tokens, tokens_per_forward=T),
+        lambda tokens: chunks_document_ce(policy, tokens, 1, torch.device("cpu")),
         step=4,
     )
     metrics = evaluation.metrics
@@ -145,9 +145,9 @@ def test_document_cross_entropy_batches_agree(tiny_model_dir, one_thread):
     config = tiny_config(tiny_model_dir)
     model = load_causal_lm(str(tiny_model_dir), config, torch.device("cpu"))
     docs = torch.randint(3, 512, (5, T), generator=torch.Generator().manual_seed(2))
-    one_at_a_time = document_cross_entropy(model, docs, tokens_per_forward=T)
+    one_at_a_time = chunks_document_ce(model, docs, 1, torch.device("cpu"))
     calls = []
-    two_at_a_time = document_cross_entropy(model, docs, tokens_per_forward=2 * T, on_batch=lambda: calls.append(1))
+    two_at_a_time = chunks_document_ce(model, docs, 2, torch.device("cpu"), on_batch=lambda: calls.append(1))
     assert len(calls) == 3 and one_at_a_time.shape == (5,)
     torch.testing.assert_close(two_at_a_time, one_at_a_time, atol=1e-5, rtol=0)
 

@@ -37,19 +37,15 @@ def create_rollout_actor(config, model_path: str, placement_group=None, bundle_i
     `worker_options` go to `RolloutWorker` (e.g. `enforce_eager=True`, `max_model_len=...`).
     """
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from ebft.actors.rollout import RolloutWorker
+    from ebft.cluster.placement import actor_options
 
-    resources = config.resources.rollout
-    options: dict[str, Any] = dict(
-        num_cpus=resources.cpus_per_actor,
-        num_gpus=resources.gpus_per_actor,
+    options = actor_options(
+        config.resources.rollout,
+        placement_group,
+        bundle_index,
         max_concurrency=1,
         runtime_env={"env_vars": rollout_actor_env(config)},
     )
-    if placement_group is not None:
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=placement_group, placement_group_bundle_index=bundle_index
-        )
     return ray.remote(RolloutWorker).options(**options).remote(config, model_path, **worker_options)

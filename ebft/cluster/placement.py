@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ebft.config import Config, PoolResources
 
@@ -15,6 +18,18 @@ def pool_bundles(resources: PoolResources) -> list[dict[str, float]]:
     if resources.gpus_per_actor:
         bundle["GPU"] = resources.gpus_per_actor
     return [dict(bundle) for _ in range(resources.num_actors)]
+
+
+def actor_options(
+    resources: PoolResources, placement_group: PlacementGroup | None = None, bundle_index: int = 0, **extra: Any
+) -> dict[str, Any]:
+    """Ray options of one actor of a pool: its CPUs and GPUs, in bundle `bundle_index` of the pool's group if given."""
+    options: dict[str, Any] = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor, **extra}
+    if placement_group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle_index
+        )
+    return options
 
 
 def check_fits(config: Config) -> None:

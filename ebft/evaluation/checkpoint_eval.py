@@ -25,6 +25,7 @@ from ebft.config import Config, ConfigError
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
 from ebft.evaluation.humaneval import CompleteFn, humaneval_problems, run_code_eval
 from ebft.evaluation.translation import TranslationExample, load_translation_jsonl, score_translations
+from ebft.learner.loss import chunks_document_ce
 from ebft.messages import ChunkBatch, RolloutBatch
 
 logger = logging.getLogger(__name__)
@@ -118,28 +119,6 @@ def load_causal_lm(model_path: str, config: Config, device: torch.device):
         model_path, dtype=getattr(torch, config.model.dtype), trust_remote_code=config.model.trust_remote_code
     )
     return model.to(device).eval().requires_grad_(False)
-
-
-@torch.inference_mode()
-def document_cross_entropy(
-    model,
-    tokens: torch.Tensor,
-    tokens_per_forward: int = CE_TOKENS_PER_FORWARD,
-    on_batch: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """Teacher-forced token-mean NLL [docs] of tokens 1..T-1 of each chunk [docs, T] (float32)."""
-    from ebft.learner.loss import document_ce
-
-    device = next(model.parameters()).device
-    docs_per_forward = max(1, tokens_per_forward // tokens.shape[1])
-    losses = []
-    for start in range(0, tokens.shape[0], docs_per_forward):
-        batch = tokens[start : start + docs_per_forward].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        losses.append(document_ce(logits, batch).float().cpu())
-        if on_batch is not None:
-            on_batch()
-    return torch.cat(losses)
 
 
 # ----------------------------------------------------------------------------- translation
@@ -333,7 +312,7 @@ def run(
         def cross_entropy(tokens: torch.Tensor) -> torch.Tensor:
             with stages.stage("held-out cross-entropy", total=-(-num_docs // docs_per_forward)) as advance:
                 model = load_causal_lm(plan.model_path, config, device)
-                return document_cross_entropy(model, tokens, on_batch=advance)
+                return chunks_document_ce(model, tokens, docs_per_forward, device, on_batch=advance)
 
         def embed(batch: RolloutBatch):
             with stages.stage("features of rollouts and ground truth (base model)"):

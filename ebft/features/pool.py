@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ebft.config import Config
 from ebft.messages import FeatureBatch, RolloutBatch
@@ -50,10 +49,7 @@ def create_feature_worker(
     `model_path` is the feature network's folder: `model.feature_model` if set, else the base policy
     checkpoint (as in the paper). Returns at once; the worker loads its model in the background.
     """
-    resources = config.resources.features
-    options: dict = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
-    if placement_group is not None:
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=placement_group, placement_group_bundle_index=bundle_index
-        )
+    from ebft.cluster.placement import actor_options
+
+    options = actor_options(config.resources.features, placement_group, bundle_index)
     return ray.remote(FeatureWorker).options(**options).remote(str(model_path), config, log_file)

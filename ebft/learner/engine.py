@@ -38,8 +38,7 @@ from ebft.learner.deepspeed_setup import (
     policy_engine,
     reference_model,
 )
-from ebft.learner.loss import document_ce as document_nll
-from ebft.learner.loss import ebft_loss, generated_logprobs
+from ebft.learner.loss import chunks_document_ce, document_ce, ebft_loss, generated_logprobs
 from ebft.learner.state_dict import gather_state_dict
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch, WeightUpdate
 
@@ -135,7 +134,7 @@ class LearnerRank:
             logits = self._packed_logits(self.engine, packed)
             # Per (document, sample) sequence, in (doc, sample) order: log-probs [B, NB, G], CE [B].
             logprobs = generated_logprobs(logits, packed, self.plan, temperature).flatten(0, 1)
-            ce = document_nll(logits, packed[:, : self.plan.chunk_length]).repeat_interleave(self.samples)
+            ce = document_ce(logits, packed[:, : self.plan.chunk_length]).repeat_interleave(self.samples)
             del logits
             ref_logprobs = None
             if self.reference_model is not None:
@@ -185,7 +184,7 @@ class LearnerRank:
 
         def micro_loss(micro_docs: slice):
             batch = docs[micro_docs].to(self.device)
-            loss = document_nll(self.engine(input_ids=batch, use_cache=False).logits, batch).mean()
+            loss = document_ce(self.engine(input_ids=batch, use_cache=False).logits, batch).mean()
             return loss, {"loss": float(loss.detach()), "ce_loss": float(loss.detach())}
 
         metrics = self.reduce.mean(self._accumulate(micro_loss))
@@ -297,15 +296,13 @@ class LearnerRank:
         zero3 = self.config.learner.zero_stage == 3
         if self.rank != 0 and not zero3:
             return None
-        module, batch, out = self.engine.module, self.micro_batch_docs * self.samples, []
+        module = self.engine.module
         module.eval()
-        try:
-            for start in range(0, tokens.shape[0], batch):  # ZeRO-3: every rank runs the same forwards
-                chunk = torch.as_tensor(tokens[start : start + batch]).long().to(self.device)
-                out.append(document_nll(module(input_ids=chunk, use_cache=False).logits, chunk).float().cpu())
+        try:  # ZeRO-3: every rank runs the same forwards
+            losses = chunks_document_ce(module, tokens, self.micro_batch_docs * self.samples, self.device)
         finally:
             module.train()
-        return torch.cat(out) if self.rank == 0 else None
+        return losses if self.rank == 0 else None
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ebft.cluster.placement import actor_options
 from ebft.config import Config
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch, WeightUpdate
 
@@ -113,11 +113,7 @@ class LearnerGroup:
         remote_cls = ray.remote(LearnerRankActor)
         self.actors = []
         for rank in range(self.world_size):
-            options: dict[str, Any] = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor}
-            if placement_group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group, placement_group_bundle_index=bundles[rank]
-                )
+            options = actor_options(resources, placement_group, bundles[rank])
             log_file = None if log_dir is None else str(Path(log_dir) / f"learner-{rank}.log")
             self.actors.append(remote_cls.options(**options).remote(resources.cpus_per_actor, log_file))
         try:

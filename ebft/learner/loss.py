@@ -10,6 +10,7 @@ sampled with the current weights, so a fully synchronous run is plain on-policy 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,25 @@ def document_ce(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     """Token-mean NLL [B] of doc tokens 1..T-1 from the doc part of the logits [B, >=T, V]."""
     T = docs.shape[-1]
     return -token_logprobs(logits, torch.arange(T - 1), docs[:, 1:]).mean(-1)
+
+
+@torch.no_grad()
+def chunks_document_ce(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    docs_per_forward: int,
+    device: torch.device,
+    on_batch: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Teacher-forced `document_ce` [docs] (float32, on the CPU) of whole chunks [docs, T], a few per forward:
+    the held-out CE, in training and in `ebft eval`."""
+    losses = []
+    for start in range(0, tokens.shape[0], docs_per_forward):
+        batch = torch.as_tensor(tokens[start : start + docs_per_forward]).long().to(device)
+        losses.append(document_ce(model(input_ids=batch, use_cache=False).logits, batch).float().cpu())
+        if on_batch is not None:
+            on_batch()
+    return torch.cat(losses)
 
 
 @dataclass
