@@ -16,6 +16,8 @@ from _timing import emit
 from ebft.cluster.controller import Controller
 from ebft.cluster.pools import ActorPool
 from ebft.config import build_config
+from ebft.learner.object_store_sender import ObjectStoreWeightSender
+from ebft.learner.weight_sender import WeightPush
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch, WeightUpdate
 
 
@@ -49,16 +51,21 @@ class StandInFeatures:
 
 
 class StandInLearner:
+    """Trains by sleeping; pushes through the real object-store sender (an empty update) and WeightPush."""
+
     def __init__(self, seconds):
-        self.seconds, self.version = seconds, 0
+        self.seconds, self.version, self.sender = seconds, 0, None
 
     def train_step(self, rollouts, features, current_version):
         time.sleep(self.seconds)
         self.version += 1
         return {}
 
-    def export_weights(self):
-        return ray.put(WeightUpdate(self.version, b""))
+    def connect_weight_receivers(self, rollout_actors):
+        self.sender = ObjectStoreWeightSender(rollout_actors)
+
+    def push_weights(self) -> WeightPush:
+        return WeightPush(self.version, self.sender.send({}, self.version))
 
 
 class CountingStream:
@@ -79,11 +86,13 @@ def step_time(config, stages, unit, steps):
     rollout_pool = ActorPool("rollout", lambda i: StandInRollout.remote(generate, 4, config.num_blocks, 8), 1)
     feature_pool = ActorPool("features", lambda i: StandInFeatures.remote(featurize), 1)
     finished = []
+    learner = StandInLearner(train)
+    learner.connect_weight_receivers(list(rollout_pool))
     controller = Controller(
         config,
         rollout_pool,
         feature_pool,
-        StandInLearner(train),
+        learner,
         CountingStream(config.data.chunk_length),
         on_step=lambda result: finished.append(time.perf_counter()),
     )

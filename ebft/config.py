@@ -10,6 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+OBJECT_STORE = "object_store"
+NCCL = "nccl"
+
 
 class ConfigError(ValueError):
     """A configuration problem, worded as what is wrong and how to fix it."""
@@ -260,6 +263,15 @@ class Config(Section):
                 "rollouts: set loss.kl_coef=0 or training.method=ebft"
             )
         return self
+
+    @property
+    def weight_transport(self) -> str:
+        """`rollout.weight_transport` resolved: `auto` is NCCL only when both learner and rollout pools have GPUs."""
+        choice = self.rollout.weight_transport
+        if choice != "auto":
+            return choice
+        r = self.resources
+        return NCCL if r.rollout.gpus_per_actor > 0 and r.learner.gpus_per_actor > 0 else OBJECT_STORE
 
     @property
     def num_blocks(self) -> int:

@@ -85,3 +85,34 @@ def weights_of(update: WeightUpdate) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     return load(update.safetensors)
+
+
+def exported(learner) -> WeightUpdate:
+    """An in-process LearnerRank's current weights as the object-store push serializes them."""
+    from ebft.learner.weight_sender import state_dict_to_update
+
+    return state_dict_to_update(learner.full_state_dict(), learner.weight_version)
+
+
+def pushed_weights(group) -> dict[str, torch.Tensor]:
+    """A LearnerGroup's current weights, received through its own weight push (reconnects its receivers)."""
+    import ray
+
+    class WeightRecorder:  # a stand-in rollout actor; defined here so Ray ships it by value to its worker
+        def __init__(self):
+            self.update = None
+
+        def update_weights(self, update: WeightUpdate) -> int:
+            self.update = update
+            return update.version
+
+        def last_update(self) -> WeightUpdate | None:
+            return self.update
+
+    recorder = ray.remote(num_cpus=0)(WeightRecorder).remote()
+    try:
+        group.connect_weight_receivers([recorder])
+        group.push_weights().confirm()
+        return weights_of(ray.get(recorder.last_update.remote()))
+    finally:
+        ray.kill(recorder)

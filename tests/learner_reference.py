@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import safetensors.torch
 import torch
+from helpers import exported, weights_of
 from transformers import AutoModelForCausalLM
 
 from ebft.config import RewardConfig, build_config
@@ -150,12 +151,33 @@ def reference_loss(model, batches, config, current_version, reference_policy=Non
     return loss, policy_loss, ce_loss
 
 
-def float64_model(model_dir, weights: bytes | None = None):
+def float64_model(model_dir, weights: bytes | dict[str, torch.Tensor] | None = None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
     if weights is not None:
-        state = {k: v.double() for k, v in safetensors.torch.load(weights).items()}
+        loaded = safetensors.torch.load(weights) if isinstance(weights, bytes) else weights
+        state = {k: v.double() for k, v in loaded.items()}
         model.load_state_dict(state, strict=False)  # tied/untied: lm_head may be absent
     return model
+
+
+def capture_gradients(learner) -> dict[str, torch.Tensor]:
+    """Wraps an in-process LearnerRank's DeepSpeed `engine.step` so that, at every accumulation boundary, the
+    full (reduced, unclipped) gradient of each parameter is copied into the returned dict before the update."""
+    from deepspeed.utils import safe_get_full_grad
+
+    engine, captured = learner.engine, {}
+    step = engine.step
+
+    def step_and_capture(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            # Collective under ZeRO 1-3: every rank calls it for every parameter.
+            grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters() if p.requires_grad}
+            captured.clear()
+            captured.update({name: g.detach().float().cpu().clone() for name, g in grads.items()})
+        return step(*args, **kwargs)
+
+    engine.step = step_and_capture
+    return captured
 
 
 def assert_gradients_match(captured: dict[str, torch.Tensor], model, atol=1e-5):
@@ -174,6 +196,6 @@ def reference_update(model, optimizer, lr: float, grad_clip: float) -> None:
 
 
 def assert_weights_match(learner, model, atol=2e-5):
-    updated = safetensors.torch.load(learner.export_weights().safetensors)
+    updated = weights_of(exported(learner))
     for name, p in model.named_parameters():
         torch.testing.assert_close(updated[name].double(), p.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")

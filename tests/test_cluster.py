@@ -12,7 +12,7 @@ import pytest
 import ray
 import safetensors.torch
 import torch
-from helpers import tiny_run_config, weights_of
+from helpers import pushed_weights, tiny_run_config
 
 from ebft.cluster.train import run
 from ebft.config import build_config
@@ -156,14 +156,15 @@ def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny
     worker = create_feature_worker(config, str(tiny_model_with_tokenizer))
     learner = LearnerGroup(config, str(tiny_model_with_tokenizer))
     try:
+        learner.connect_weight_receivers([actor])
         by_hand = {}
         for step in range(3):
             chunks = stream.next_batch(config.training.docs_per_step, step=step)
             rollouts = ray.get(actor.generate.remote(chunks))
             features = ray.get(worker.extract.remote(rollouts))
             by_hand[step] = learner.train_step([rollouts], [features], step)
-            assert ray.get(actor.update_weights.remote(learner.export_weights())) == step + 1
-        weights = weights_of(ray.get(learner.export_weights()))
+            assert learner.push_weights().confirm() == step + 1
+        weights = pushed_weights(learner)
     finally:
         learner.shutdown()
         ray.kill(actor)

@@ -7,11 +7,12 @@ import math
 import pytest
 import safetensors.torch
 import torch
-from helpers import make_tiny_llama
+from helpers import exported, make_tiny_llama, pushed_weights
 from learner_reference import (
     N_SAMPLES,
     assert_gradients_match,
     assert_weights_match,
+    capture_gradients,
     float64_model,
     make_batch,
     make_config,
@@ -56,11 +57,12 @@ def test_step_equals_plain_pytorch_reference(tiny_model_dir, stage, checkpointin
         optim={"grad_clip": 0.05, "weight_decay": 0.1, "warmup_fraction": 0.2},  # 2 warmup steps; clipping active
     )
     learner = LearnerRank(config, tiny_model_dir)
+    gradients = capture_gradients(learner)
     model = float64_model(tiny_model_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=config.optim.betas, weight_decay=0.1)
     for version, lr in enumerate([5e-4, 1e-3]):
         batch = make_batch(4, seed=10 * stage + version, version=version)
-        metrics = learner.train_step([batch[0]], [batch[1]], current_version=version, capture_gradients=True)
+        metrics = learner.train_step([batch[0]], [batch[1]], current_version=version)
 
         optimizer.zero_grad()
         loss, policy_loss, ce_loss = reference_loss(model, [batch], config, current_version=version)
@@ -68,7 +70,7 @@ def test_step_equals_plain_pytorch_reference(tiny_model_dir, stage, checkpointin
         assert metrics["train/loss"] == pytest.approx(loss.item(), abs=1e-5)
         assert metrics["train/policy_loss"] == pytest.approx(float(policy_loss), abs=1e-5)
         assert metrics["train/ce_loss"] == pytest.approx(float(ce_loss), abs=1e-5)
-        assert_gradients_match(learner.captured_gradients, model)
+        assert_gradients_match(gradients, model)
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
         assert metrics["train/grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5) and grad_norm > 0.05
         assert metrics["train/lr"] == pytest.approx(lr)
@@ -95,7 +97,8 @@ def test_stale_rollouts_kl_and_whitening_match_reference(tiny_model_dir, stage):
     assert (reference_elements == 0) == (stage == 3)
     warm = make_batch(4, seed=10, version=0)
     learner.train_step([warm[0]], [warm[1]], current_version=0)
-    model = float64_model(tiny_model_dir, learner.export_weights().safetensors)
+    gradients = capture_gradients(learner)
+    model = float64_model(tiny_model_dir, exported(learner).safetensors)
     initial = float64_model(tiny_model_dir)
 
     fresh = make_batch(2, seed=11, version=1, first_chunk=100)
@@ -116,7 +119,7 @@ def test_stale_rollouts_kl_and_whitening_match_reference(tiny_model_dir, stage):
         true + 0.1 * torch.randn(true.shape, generator=torch.Generator().manual_seed(0))
     ).float()
 
-    metrics = learner.train_step([fresh[0], stale[0]], [fresh[1], stale[1]], current_version=1, capture_gradients=True)
+    metrics = learner.train_step([fresh[0], stale[0]], [fresh[1], stale[1]], current_version=1)
     loss, policy_loss, _ = reference_loss(model, [fresh, stale], config, current_version=1, reference_policy=initial)
     loss.backward()
     assert metrics["train/loss"] == pytest.approx(loss.item(), abs=1e-5)
@@ -125,7 +128,7 @@ def test_stale_rollouts_kl_and_whitening_match_reference(tiny_model_dir, stage):
     assert 0 < metrics["train/truncated_fraction"] < 0.5 and metrics["train/importance_weight_max"] == pytest.approx(
         1.05
     )
-    assert_gradients_match(learner.captured_gradients, model)
+    assert_gradients_match(gradients, model)
     learner.close()
 
 
@@ -174,7 +177,7 @@ def test_training_loss_falls_in_bf16_zero2_with_checkpointing(tiny_model_dir):
         math.isfinite(m["train/grad_norm"]) and m["train/grad_norm"] > 0 and m["train/tokens_per_s"] > 0
         for m in history
     )
-    update = learner.export_weights()
+    update = exported(learner)
     tensors = safetensors.torch.load(update.safetensors)
     assert update.version == 6 and tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     learner.close()
@@ -197,7 +200,7 @@ def test_checkpoint_is_atomic_keeps_last_k_and_resumes_exactly(tiny_model_dir, t
     assert ckpt.latest_checkpoint(tmp_path) == ckpt.checkpoint_path(tmp_path, 3)
 
     # The HF folder reloads into transformers with the learner's exact weights and logits.
-    final = safetensors.torch.load(learner.export_weights().safetensors)
+    final = safetensors.torch.load(exported(learner).safetensors)
     reloaded = AutoModelForCausalLM.from_pretrained(
         ckpt.latest_checkpoint(tmp_path), dtype=torch.bfloat16, attn_implementation="sdpa"
     )
@@ -219,7 +222,7 @@ def test_checkpoint_is_atomic_keeps_last_k_and_resumes_exactly(tiny_model_dir, t
     extra = resumed.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2))
     assert extra == {"data_position": 8} and (resumed.step, resumed.weight_version) == (2, 2)
     resumed.train_step([batches[2][0]], [batches[2][1]], current_version=2)
-    replayed = safetensors.torch.load(resumed.export_weights().safetensors)
+    replayed = safetensors.torch.load(exported(resumed).safetensors)
     assert all(torch.equal(replayed[name], final[name]) for name in final)
     learner.close()
     resumed.close()
@@ -235,19 +238,16 @@ def test_world_size_two_gives_the_update_of_world_size_one(tiny_model_dir, ray_c
     rollouts, features = [first[0], second[0]], [first[1], second[1]]
 
     single = LearnerRank(config.model_copy(update={"resources": make_config().resources}), tiny_model_dir)
-    expected = single.train_step(rollouts, features, current_version=0, capture_gradients=True)
-    expected_weights = safetensors.torch.load(single.export_weights().safetensors)
+    expected = single.train_step(rollouts, features, current_version=0)
+    expected_weights = safetensors.torch.load(exported(single).safetensors)
 
     with LearnerGroup(config, tiny_model_dir) as group:
-        metrics = group.train_step(rollouts, features, current_version=0, capture_gradients=True)
-        gradients = group.captured_gradients()
-        weights = safetensors.torch.load(ray_cluster.get(group.export_weights()).safetensors)
+        metrics = group.train_step(rollouts, features, current_version=0)
+        weights = pushed_weights(group)
         heldout_ce = group.document_ce(first[0].chunks.tokens)
     for name in ("loss", "policy_loss", "ce_loss", "gt_reward", "diversity_reward", "advantage_std", "grad_norm", "lr"):
         assert metrics[f"train/{name}"] == pytest.approx(expected[f"train/{name}"], rel=1e-5, abs=1e-6), name
     assert metrics["train/tokens_per_s"] > 0 and group.weight_version == 1
-    for name, grad in single.captured_gradients.items():
-        torch.testing.assert_close(gradients[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     assert set(weights) == set(expected_weights)
     for name, tensor in expected_weights.items():
         torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
@@ -276,7 +276,7 @@ def test_checkpoint_and_weight_updates_load_into_a_rollout_worker(vllm_tiny_tied
 
         def learner_logprobs(rollouts: RolloutBatch) -> torch.Tensor:
             with torch.no_grad():
-                model = float64_model(vllm_tiny_tied_model_dir, learner.export_weights().safetensors)
+                model = float64_model(vllm_tiny_tied_model_dir, exported(learner).safetensors)
                 return torch.stack(
                     [
                         torch.stack(
@@ -295,7 +295,7 @@ def test_checkpoint_and_weight_updates_load_into_a_rollout_worker(vllm_tiny_tied
 
         second = make_batch(4, seed=41, version=1)
         learner.train_step([second[0]], [second[1]], current_version=1)
-        assert worker.update_weights(learner.export_weights()) == 2
+        assert worker.update_weights(exported(learner)) == 2
         resampled = worker.generate(chunks)
         assert resampled.weight_version == 2
         torch.testing.assert_close(resampled.behavior_logprobs.double(), learner_logprobs(resampled), atol=2e-5, rtol=0)
@@ -318,8 +318,8 @@ def test_group_pushes_weights_from_rank_0_to_rollout_actors(vllm_tiny_tied_model
             group.connect_weight_receivers([actor])
             batch = make_batch(4, seed=50, version=0)
             group.train_step([batch[0]], [batch[1]], current_version=0)
-            assert group.push_weights() == 1
-            weights = ray_cluster.get(group.export_weights()).safetensors
+            assert group.push_weights().confirm() == 1
+            weights = pushed_weights(group)
         chunks = ChunkBatch([0], batch[0].chunks.tokens[:1], step=0)
         sampled = ray_cluster.get(actor.generate.remote(chunks))
         assert sampled.weight_version == 1

@@ -15,8 +15,9 @@ from helpers import TINY_VOCAB, make_tiny_llama, transformers_greedy
 from ebft.actors.rollout import RolloutWorker, block_seed
 from ebft.config import build_config
 from ebft.layout import BlockPlan
+from ebft.learner.object_store_sender import ObjectStoreWeightSender
+from ebft.learner.weight_sender import WeightPush, state_dict_to_update
 from ebft.messages import ChunkBatch
-from ebft.weight_transport import ObjectStoreWeightSender, state_dict_to_update
 
 T, G, N, TEMPERATURE = 64, 8, 4, 0.6
 
@@ -140,11 +141,12 @@ def test_weight_update_makes_greedy_generation_follow_the_new_weights(worker, mo
     assert after != before
     assert worker.generate(random_chunks(1)).weight_version == version + 1
 
-    with pytest.raises(ValueError, match="does not move forward"):
-        worker.update_weights(state_dict_to_update(old_model.state_dict(), version + 1))
+    with pytest.raises(ValueError, match="goes back"):
+        worker.update_weights(state_dict_to_update(old_model.state_dict(), version))
     assert worker.weight_version() == version + 1
-    # Back to the module's weights (versions only move forward).
-    worker.update_weights(state_dict_to_update(old_model.state_dict(), version + 2))
+    # The same version again is loaded (a restarted pool re-sends it); versions never go back.
+    worker.update_weights(state_dict_to_update(old_model.state_dict(), version + 1))
+    assert worker.weight_version() == version + 1
     assert worker.complete(prompts, max_tokens=G) == before
 
 
@@ -217,8 +219,11 @@ def test_pool_actors_serialize_an_update_behind_a_running_chunk_batch(
         assert not ready, "the chunk batch finished before the update was sent; make it bigger"
         new_model = hf_model(new_weights_dir)
         sender = ObjectStoreWeightSender(actors)
-        assert sender.send(new_model.state_dict(), version=1) == 1  # waits for the running batch first
+        push = WeightPush(1, sender.send(new_model.state_dict(), version=1))  # returns at once
+        ready, _ = ray.wait([running], timeout=0)
+        assert not ready, "the push waited for the running batch"
         after = actors[0].generate.remote(big)
+        assert push.confirm() == 1  # after the running batch
 
         plan = BlockPlan.from_config(config)
         during = ray.get(running)

@@ -11,15 +11,10 @@ import pytest
 import torch
 from helpers import transformers_greedy, weights_of
 
-from ebft.config import build_config
-from ebft.weight_transport import (
-    NCCL,
-    OBJECT_STORE,
-    NcclWeightSender,
-    choose_transport,
-    receive_weight_broadcast,
-    state_dict_to_update,
-)
+from ebft.actors.weight_receiver import _quiet_expected_reload_warnings, receive_weight_broadcast
+from ebft.config import NCCL, OBJECT_STORE, build_config
+from ebft.learner.nccl_sender import NcclWeightSender
+from ebft.learner.weight_sender import WeightPush, state_dict_to_update
 
 
 def test_state_dict_round_trip_keeps_names_dtypes_and_values():
@@ -60,11 +55,11 @@ def test_tied_embeddings_travel_once_under_the_embedding_name():
 
 
 def test_auto_transport_is_nccl_only_when_both_pools_have_gpus():
-    assert choose_transport(build_config({})) == OBJECT_STORE
+    assert build_config({}).weight_transport == OBJECT_STORE
     gpus = {"resources": {"rollout": {"gpus_per_actor": 1}, "learner": {"gpus_per_actor": 1}}}
-    assert choose_transport(build_config(gpus)) == NCCL
-    assert choose_transport(build_config({"resources": {"rollout": {"gpus_per_actor": 1}}})) == OBJECT_STORE
-    assert choose_transport(build_config({**gpus, "rollout": {"weight_transport": "object_store"}})) == OBJECT_STORE
+    assert build_config(gpus).weight_transport == NCCL
+    assert build_config({"resources": {"rollout": {"gpus_per_actor": 1}}}).weight_transport == OBJECT_STORE
+    assert build_config({**gpus, "rollout": {"weight_transport": "object_store"}}).weight_transport == OBJECT_STORE
 
 
 # ----------------------------------------------------------------------------- NCCL bookkeeping (fake group)
@@ -131,6 +126,11 @@ def wait_all(futures):
     return [future.result(timeout=30) for future in futures]
 
 
+def push(sender, weights, version):
+    """What the learner group does with a push: send, then confirm every receiver applied it."""
+    return WeightPush(version, sender.send(weights, version), wait=wait_all).confirm()
+
+
 def make_sender(receivers):
     groups = []
 
@@ -157,8 +157,8 @@ def test_nccl_sender_gives_each_engine_its_own_ranks_and_delivers_every_tensor_i
     assert all(r.init_info["master_address"] == "10.0.0.1" and r.init_info["packed"] is False for r in receivers)
 
     weights = {"embed.weight": torch.randn(8, 4, dtype=torch.bfloat16), "norm.weight": torch.rand(4)}
-    assert sender.send(weights, version=1) == 1
-    assert sender.send([(name, t * 2) for name, t in weights.items()], version=3) == 3
+    assert push(sender, weights, version=1) == 1
+    assert push(sender, [(name, t * 2) for name, t in weights.items()], version=3) == 3
     assert sender.group.broadcasts == 4
     for receiver in receivers:
         assert [version for version, _ in receiver.received] == [1, 3]
@@ -168,19 +168,20 @@ def test_nccl_sender_gives_each_engine_its_own_ranks_and_delivers_every_tensor_i
         assert receiver.version == 3
 
 
-def test_nccl_sender_refuses_versions_that_do_not_move_forward_and_engines_that_disagree():
+def test_nccl_sender_refuses_versions_that_go_back_and_a_push_that_engines_disagree_on():
     receivers = [FakeReceiver(world_size=1)]
     sender, _ = make_sender(receivers)
     sender.connect()
-    sender.send({"w": torch.ones(3)}, version=2)
-    with pytest.raises(ValueError, match="does not move forward"):
-        sender.send({"w": torch.ones(3)}, version=2)
+    push(sender, {"w": torch.ones(3)}, version=2)
+    assert push(sender, {"w": torch.ones(3)}, version=2) == 2  # the same version again (a restarted pool)
+    with pytest.raises(ValueError, match="goes back"):
+        sender.send({"w": torch.ones(3)}, version=1)
 
     lagging = [FakeReceiver(world_size=1), FakeReceiver(world_size=1, version_offset=-1)]
     sender, _ = make_sender(lagging)
     sender.connect()
     with pytest.raises(RuntimeError, match="report versions"):
-        sender.send({"w": torch.ones(3)}, version=1)
+        push(sender, {"w": torch.ones(3)}, version=1)
 
 
 class RecordingLLM:
@@ -267,8 +268,6 @@ def test_smollm2_update_with_tied_embeddings_makes_greedy_follow_the_new_weights
 
 
 def test_only_the_expected_reload_warnings_are_silenced():
-    from ebft.weight_transport import _quiet_expected_reload_warnings
-
     reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     shown: list[str] = []
     handler = logging.Handler()

@@ -20,16 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ebft.actors.weight_receiver import WORKER_EXTENSION, load_update_into_engine, receive_weight_broadcast
+from ebft.config import NCCL
 from ebft.cpu_threads import all_cores
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch, WeightUpdate
-from ebft.weight_transport import (
-    NCCL,
-    WORKER_EXTENSION,
-    choose_transport,
-    load_update_into_engine,
-    receive_weight_broadcast,
-)
 
 GIB = 1 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -94,7 +89,6 @@ class RolloutWorker:
         send_output_to(log_file)
         self.config = config
         self.plan = BlockPlan.from_config(config)
-        self.transport = choose_transport(config)
         self.model_path = resolve_model_path(str(model_path))
         self._version = 0
         max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
@@ -130,7 +124,7 @@ class RolloutWorker:
         )
         if self.on_gpu:
             options["gpu_memory_utilization"] = self.config.rollout.gpu_memory_utilization
-            if self.transport == NCCL:
+            if self.config.weight_transport == NCCL:
                 from vllm.config import WeightTransferConfig
 
                 options["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
@@ -222,8 +216,9 @@ class RolloutWorker:
         return self._version
 
     def _check_forward(self, version: int) -> None:
-        if version <= self._version:
-            raise ValueError(f"weight update to version {version} does not move forward from {self._version}")
+        # The same version again is allowed: after a rollout actor restarts, every actor gets the current weights.
+        if version < self._version:
+            raise ValueError(f"weight update to version {version} goes back from {self._version}")
 
     def update_weights(self, update: WeightUpdate) -> int:
         """Object-store transport: load safetensors bytes into the running engine; returns the new version."""

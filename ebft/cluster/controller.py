@@ -33,7 +33,6 @@ import ray
 from ebft.cluster.pools import ActorPool, is_actor_failure
 from ebft.config import Config
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
-from ebft.weight_transport import NCCL, choose_transport
 
 
 @dataclass
@@ -70,7 +69,7 @@ class Controller:
     config: Config
     rollout_pool: ActorPool
     feature_pool: ActorPool
-    learner: Any  # LearnerGroup: train_step / export_weights
+    learner: Any  # LearnerGroup: train_step / sft_step / push_weights
     stream: Any  # ChunkStream: next_batch / state_dict
     step: int = 0
     version: int = 0
@@ -85,9 +84,10 @@ class Controller:
     """Set (e.g. on Ctrl-C) to stop once the step being trained is finished."""
     resume_state: dict[str, Any] | None = None
     """The data position after the last trained step: what a checkpoint saves."""
-    _weights: ray.ObjectRef | None = None
+    _push: Any = None
+    """The last weight push (a learner.weight_sender.WeightPush), confirmed before the next one."""
     _engine_version: int = 0
-    """The weight version the rollout actors hold."""
+    """The weight version last pushed to the rollout actors."""
 
     def run(self) -> None:
         last, started_at = self.config.training.steps, self.step
@@ -143,6 +143,7 @@ class Controller:
     def evaluate_now(self) -> None:
         if self.evaluate is not None:
             self.sync_weights()
+            self.confirm_push()  # the evaluation's generations must see these weights
             self.evaluate(self.step)
 
     def save_now(self) -> None:
@@ -209,34 +210,37 @@ class Controller:
             self.push_weights()
 
     def push_weights(self) -> None:
-        self._engine_version = self.version
-        if self.nccl:
-            self.learner.push_weights()  # a collective broadcast: every engine takes part at once
-            return
-        # Object store: one safetensors copy; each actor loads it after the generations queued before it.
-        self._weights = self.learner.export_weights()
-        updates = [actor.update_weights.remote(self._weights) for actor in self.rollout_pool]
+        """Every rollout actor gets the learner's current weights. An actor busy generating takes them after
+        its current batch; with max_staleness 0 the next generation waits for them anyway, so wait here."""
+        self.confirm_push()
+        self._push = self.learner.push_weights()
+        self._engine_version = self._push.version
         if self.config.training.max_staleness == 0:
-            ray.get(updates)  # the next generation waits for them anyway
+            self.confirm_push()
+
+    def confirm_push(self) -> None:
+        """Wait until every rollout actor applied the last push (a dead actor is left to collect(), which
+        replaces it and pushes again)."""
+        push, self._push = self._push, None
+        try:
+            if push is not None:
+                push.confirm()
+        except Exception as error:
+            if not is_actor_failure(error):
+                raise
 
     def replace_rollout_actor(self, shard: Shard, error: Exception) -> None:
-        index = shard.rollout_actor
-        if not self.rollout_pool.replace(index, shard.rollout_handle, error):
+        if not self.rollout_pool.replace(shard.rollout_actor, shard.rollout_handle, error):
             return
         self.restarts += 1
-        if self.nccl:
-            self.learner.connect_weight_receivers(list(self.rollout_pool))
-            self.learner.push_weights()
-        elif self._weights is not None:
-            self.rollout_pool[index].update_weights.remote(self._weights)
+        self.learner.connect_weight_receivers(list(self.rollout_pool))
+        if self.version > 0:
+            self._push = None  # its acknowledgments may include the dead actor's
+            self.push_weights()  # the new actor starts from the base weights; the others reload the same version
 
     @property
     def ebft(self) -> bool:
         return self.config.training.method == "ebft"
-
-    @property
-    def nccl(self) -> bool:
-        return choose_transport(self.config) == NCCL
 
 
 @contextmanager

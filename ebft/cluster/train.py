@@ -10,7 +10,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -24,7 +24,9 @@ from ebft.config import Config, ConfigError, dump_config
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
 from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
 from ebft.layout import BlockPlan
-from ebft.weight_transport import NCCL, choose_transport
+
+if TYPE_CHECKING:
+    from ebft.data.chunks import ChunkStream, PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -110,134 +112,193 @@ def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None]:
 
 
 def run(config: Config, *, resume: bool = False, address: str | None = None) -> TrainSummary:
-    from transformers import AutoTokenizer
-
-    from ebft.actors.pool import create_rollout_actor
-    from ebft.data.chunks import prepare_data
-    from ebft.features.pool import create_feature_worker
-    from ebft.learner.checkpoint import checkpoint_path
-    from ebft.learner.group import LearnerGroup
-    from ebft.model_sources import resolve_model_path
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns, in every process, that it found no GPU
-    # Everything that can be wrong with the inputs fails here, before any actor starts.
-    policy_path = resolve_model_path(config.model.policy)
-    feature_path = resolve_model_path(config.model.feature_model or config.model.policy)
-    run_dir, checkpoint = prepare_run_dir(config, resume)
-    seed_everything(config.training.seed)
-    tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
-    data = prepare_data(config.data, tokenizer)
-    stream = data.stream(seed=config.training.seed, shuffle=config.data.shuffle)
-
+    inputs = RunInputs.prepare(config, resume)  # everything that can be wrong with the inputs fails here
     connect_ray(config, address)
-    groups = create_placement_groups(config)
-    start = _read_start(checkpoint)
-    logs = (run_dir / "logs").resolve()  # every actor's own output; the console shows the run's
-    log.info("actor logs: %s", logs)
-    # HumanEval prompts and completions are longer than a training chunk.
-    max_model_len = config.data.chunk_length + config.sampling.block_length
-    if config.eval.every and config.eval.humaneval_problems:
-        max_model_len = max(max_model_len, HUMANEVAL_MAX_PROMPT_TOKENS + config.eval.max_new_tokens)
-    rollout_pool = ActorPool(
-        "rollout",
-        lambda i: create_rollout_actor(
-            config, policy_path, groups["rollout"], i, max_model_len=max_model_len, log_file=f"{logs}/rollout-{i}.log"
-        ),
-        config.resources.rollout.num_actors,
-    )
-    feature_pool = ActorPool(
-        "features",
-        lambda i: create_feature_worker(
-            config, feature_path, groups["features"], i, log_file=f"{logs}/features-{i}.log"
-        ),
-        config.resources.features.num_actors,
-    )
-    learner = LearnerGroup(config, policy_path, groups["learner"], log_dir=logs)
-    if choose_transport(config) == NCCL:
-        learner.connect_weight_receivers(list(rollout_pool))
-    if checkpoint:
-        extra = learner.load_checkpoint(checkpoint)
-        stream.load_state_dict(extra["data_state"])
-        log.info("resumed from %s at step %d", checkpoint, start["step"])
-
-    monitor = Monitor(config, run_dir, start_step=start["step"], resumed=checkpoint is not None)
-    heldout = data.heldout_batch(config.eval.num_docs, seed=config.eval.seed) if len(data.heldout) else (None, None)
-    evaluator = HeldoutEvaluator(config, *heldout)
-    code_problems = humaneval_problems(config.eval.humaneval_problems) if evaluator.enabled else []
-    saved: list[Path] = []
-    evaluations: list[Evaluation] = []
-
-    def save(step: int, resume_state: dict[str, Any]) -> None:
-        path = checkpoint_path(run_dir / "checkpoints", step)
-        learner.save_checkpoint(path, {"data_state": resume_state})
-        saved.append(path)
-
-    def evaluate(step: int) -> None:
-        e = config.eval
-        monitor.status(
-            f"evaluating step {step}: {len(evaluator.chunks.chunk_ids)} held-out chunks x {e.num_samples} samples"
+    with Pools(config, inputs) as pools:
+        recorder = RunRecorder(config, inputs, pools)
+        controller = Controller(
+            config,
+            pools.rollout,
+            pools.features,
+            pools.learner,
+            inputs.stream,
+            step=inputs.start["step"],
+            version=inputs.start["version"],
+            on_step=recorder.on_step,
+            evaluate=recorder.evaluate if recorder.evaluator.enabled else None,
+            save=recorder.save,
         )
-        evaluation = evaluator.run(
-            # Nothing else runs while the evaluation generates and embeds: those calls may take every core.
-            lambda chunks, n: ray.get(rollout_pool[0].generate.remote(chunks, n, alone=True)),
-            lambda rollouts: ray.get(feature_pool[0].extract.remote(rollouts, alone=True)),
-            learner.document_ce,
-            step=step,
-        )
-        if code_problems:
-            complete = lambda prompts, **options: ray.get(rollout_pool[0].complete.remote(prompts, **options))  # noqa: E731
-            evaluation.metrics.update(run_code_eval(complete, code_problems, config))
-        evaluation.save(evaluation_path(run_dir, step))
-        evaluations.append(evaluation)
-        monitor.log(step, evaluation.metrics)
+        try:
+            with stop_on_interrupt(controller):
+                controller.run()
+        finally:
+            recorder.close()
+    return recorder.summary(controller)
 
-    def on_step(result: StepResult) -> None:
-        monitor.log(result.step, {**result.metrics, **throughput(config, result)})
-        if result.rollouts and (result.step + 1) % config.logging.samples_every == 0:
-            monitor.log_samples(result.step, sample_rows(config, tokenizer, result))
 
-    controller = Controller(
-        config,
-        rollout_pool,
-        feature_pool,
-        learner,
-        stream,
-        step=start["step"],
-        version=start["version"],
-        on_step=on_step,
-        evaluate=evaluate if evaluator.enabled else None,
-        save=save,
-    )
-    try:
-        with stop_on_interrupt(controller):
-            controller.run()
-    finally:
-        monitor.close()
-        plot = monitor.plot()
-        learner.shutdown()
-        rollout_pool.shutdown()
-        feature_pool.shutdown()
-        for group in groups.values():
+@dataclass
+class RunInputs:
+    """What a run reads before any actor starts: model paths, the run folder, the checkpoint to resume, data."""
+
+    policy_path: str
+    feature_path: str
+    run_dir: Path
+    checkpoint: Path | None
+    start: dict[str, int]
+    tokenizer: Any
+    data: PreparedData
+    stream: ChunkStream
+
+    @classmethod
+    def prepare(cls, config: Config, resume: bool) -> RunInputs:
+        from transformers import AutoTokenizer
+
+        from ebft.data.chunks import prepare_data
+        from ebft.model_sources import resolve_model_path
+
+        policy_path = resolve_model_path(config.model.policy)
+        feature_path = resolve_model_path(config.model.feature_model or config.model.policy)
+        run_dir, checkpoint = prepare_run_dir(config, resume)
+        seed_everything(config.training.seed)
+        tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
+        data = prepare_data(config.data, tokenizer)
+        stream = data.stream(seed=config.training.seed, shuffle=config.data.shuffle)
+        return cls(policy_path, feature_path, run_dir, checkpoint, _read_start(checkpoint), tokenizer, data, stream)
+
+
+class Pools:
+    """The three pools in their placement groups; the learner holds the resumed state and a weight transport
+    to the rollout actors. Everything is released on exit, whatever happened."""
+
+    def __init__(self, config: Config, inputs: RunInputs):
+        from ebft.actors.pool import create_rollout_actor
+        from ebft.features.pool import create_feature_worker
+        from ebft.learner.group import LearnerGroup
+
+        self.groups = create_placement_groups(config)
+        self.rollout = self.features = self.learner = None
+        logs = (inputs.run_dir / "logs").resolve()  # every actor's own output; the console shows the run's
+        log.info("actor logs: %s", logs)
+        # HumanEval prompts and completions are longer than a training chunk.
+        max_model_len = config.data.chunk_length + config.sampling.block_length
+        if config.eval.every and config.eval.humaneval_problems:
+            max_model_len = max(max_model_len, HUMANEVAL_MAX_PROMPT_TOKENS + config.eval.max_new_tokens)
+        try:
+            self.rollout = ActorPool(
+                "rollout",
+                lambda i: create_rollout_actor(
+                    config,
+                    inputs.policy_path,
+                    self.groups["rollout"],
+                    i,
+                    max_model_len=max_model_len,
+                    log_file=f"{logs}/rollout-{i}.log",
+                ),
+                config.resources.rollout.num_actors,
+            )
+            self.features = ActorPool(
+                "features",
+                lambda i: create_feature_worker(
+                    config, inputs.feature_path, self.groups["features"], i, log_file=f"{logs}/features-{i}.log"
+                ),
+                config.resources.features.num_actors,
+            )
+            self.learner = LearnerGroup(config, inputs.policy_path, self.groups["learner"], log_dir=logs)
+            self.learner.connect_weight_receivers(list(self.rollout))
+            if inputs.checkpoint:
+                extra = self.learner.load_checkpoint(inputs.checkpoint)
+                inputs.stream.load_state_dict(extra["data_state"])
+                log.info("resumed from %s at step %d", inputs.checkpoint, inputs.start["step"])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        for pool in (self.learner, self.rollout, self.features):
+            if pool is not None:
+                pool.shutdown()
+        for group in self.groups.values():
             ray.util.remove_placement_group(group)
 
-    s = config.sampling
-    generated_per_chunk = config.num_blocks * s.block_length * s.num_samples if controller.ebft else 0
-    return TrainSummary(
-        run_dir=run_dir,
-        method=config.training.method,
-        steps=controller.step,
-        trained_chunks=len(controller.trained_chunk_ids),
-        scheduled_chunks=(controller.step - start["step"]) * config.training.docs_per_step,
-        generated_tokens=len(controller.trained_chunk_ids) * generated_per_chunk,
-        restarts=controller.restarts,
-        evaluations=evaluations,
-        plot=plot,
-        wandb_dir=monitor.wandb_dir,
-        checkpoint=saved[-1] if saved else None,
-        trained_chunk_ids=controller.trained_chunk_ids,
-        stopped_early=controller.step < config.training.steps,
-    )
+    def __enter__(self) -> Pools:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class RunRecorder:
+    """What the controller's hooks do for a run: log each step, evaluate, save checkpoints, and sum it up."""
+
+    def __init__(self, config: Config, inputs: RunInputs, pools: Pools):
+        self.config, self.inputs, self.pools = config, inputs, pools
+        start = inputs.start["step"]
+        self.monitor = Monitor(config, inputs.run_dir, start_step=start, resumed=inputs.checkpoint is not None)
+        data = inputs.data
+        heldout = data.heldout_batch(config.eval.num_docs, seed=config.eval.seed) if len(data.heldout) else (None, None)
+        self.evaluator = HeldoutEvaluator(config, *heldout)
+        self.code_problems = humaneval_problems(config.eval.humaneval_problems) if self.evaluator.enabled else []
+        self.saved: list[Path] = []
+        self.evaluations: list[Evaluation] = []
+        self.plot: Path | None = None
+
+    def on_step(self, result: StepResult) -> None:
+        self.monitor.log(result.step, {**result.metrics, **throughput(self.config, result)})
+        if result.rollouts and (result.step + 1) % self.config.logging.samples_every == 0:
+            self.monitor.log_samples(result.step, sample_rows(self.config, self.inputs.tokenizer, result))
+
+    def evaluate(self, step: int) -> None:
+        rollout, features = self.pools.rollout[0], self.pools.features[0]
+        chunks = len(self.evaluator.chunks.chunk_ids)
+        self.monitor.status(
+            f"evaluating step {step}: {chunks} held-out chunks x {self.config.eval.num_samples} samples"
+        )
+        evaluation = self.evaluator.run(
+            # Nothing else runs while the evaluation generates and embeds: those calls may take every core.
+            lambda chunks, n: ray.get(rollout.generate.remote(chunks, n, alone=True)),
+            lambda rollouts: ray.get(features.extract.remote(rollouts, alone=True)),
+            self.pools.learner.document_ce,
+            step=step,
+        )
+        if self.code_problems:
+            complete = lambda prompts, **options: ray.get(rollout.complete.remote(prompts, **options))  # noqa: E731
+            evaluation.metrics.update(run_code_eval(complete, self.code_problems, self.config))
+        evaluation.save(evaluation_path(self.inputs.run_dir, step))
+        self.evaluations.append(evaluation)
+        self.monitor.log(step, evaluation.metrics)
+
+    def save(self, step: int, resume_state: dict[str, Any]) -> None:
+        from ebft.learner.checkpoint import checkpoint_path
+
+        path = checkpoint_path(self.inputs.run_dir / "checkpoints", step)
+        self.pools.learner.save_checkpoint(path, {"data_state": resume_state})
+        self.saved.append(path)
+
+    def close(self) -> None:
+        self.monitor.close()
+        self.plot = self.monitor.plot()
+
+    def summary(self, controller: Controller) -> TrainSummary:
+        config, start = self.config, self.inputs.start["step"]
+        s = config.sampling
+        generated_per_chunk = config.num_blocks * s.block_length * s.num_samples if controller.ebft else 0
+        return TrainSummary(
+            run_dir=self.inputs.run_dir,
+            method=config.training.method,
+            steps=controller.step,
+            trained_chunks=len(controller.trained_chunk_ids),
+            scheduled_chunks=(controller.step - start) * config.training.docs_per_step,
+            generated_tokens=len(controller.trained_chunk_ids) * generated_per_chunk,
+            restarts=controller.restarts,
+            evaluations=self.evaluations,
+            plot=self.plot,
+            wandb_dir=self.monitor.wandb_dir,
+            checkpoint=self.saved[-1] if self.saved else None,
+            trained_chunk_ids=controller.trained_chunk_ids,
+            stopped_early=controller.step < config.training.steps,
+        )
 
 
 def evaluation_path(run_dir: Path, step: int) -> Path:

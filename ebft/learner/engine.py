@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ebft import weight_transport
 from ebft.config import Config, batch_geometry
 from ebft.layout import BlockPlan
 from ebft.learner import checkpoint as ckpt
@@ -33,14 +32,13 @@ from ebft.learner.batches import prepare_inputs
 from ebft.learner.collectives import RankReduce
 from ebft.learner.deepspeed_setup import (
     deepspeed_config,
-    free_port,
     join_process_group,
     policy_engine,
     reference_model,
 )
 from ebft.learner.loss import chunks_document_ce, document_ce, ebft_loss, generated_logprobs
 from ebft.learner.state_dict import gather_state_dict
-from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch, WeightUpdate
+from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
 METRIC_PREFIX = "train/"
 EBFT_LOSS_TERMS = ("loss", "policy_loss", "ce_loss", "kl", "importance_weight_mean", "truncated_fraction")
@@ -49,7 +47,7 @@ EBFT_LOSS_TERMS = ("loss", "policy_loss", "ce_loss", "kl", "importance_weight_me
 class LearnerRank:
     """A DeepSpeed rank holding the policy, its optimizer and LR schedule.
 
-    All ranks must call train_step, sft_step, push_weights, save_checkpoint and load_checkpoint together
+    All ranks must call train_step, sft_step, full_state_dict, save_checkpoint and load_checkpoint together
     (they are collective). For world_size 1 in-process, the rendezvous variables are set here.
     """
 
@@ -85,8 +83,6 @@ class LearnerRank:
         self.reduce = RankReduce(world_size, self.device)
         self.step = 0
         self.weight_version = 0
-        self.captured_gradients: dict[str, torch.Tensor] | None = None
-        self.weight_sender: weight_transport.WeightSender | None = None
         self._last_lr = float("nan")
         self._grad_norm_fallback: float | None = None
         self._mask = self.plan.attention_mask(self.dtype).to(self.device)
@@ -108,14 +104,11 @@ class LearnerRank:
         rollouts: list[RolloutBatch],
         features: list[FeatureBatch],
         current_version: int,
-        *,
-        capture_gradients: bool = False,
     ) -> dict[str, float]:
         """One EBFT optimizer step over this rank's documents; returns metrics averaged over all ranks.
 
         current_version must be the learner's weight_version: rollouts sampled from older weights are
-        stale and get the truncated importance weight. With capture_gradients, the full (unclipped)
-        gradient of every parameter is kept in `captured_gradients` before the optimizer step.
+        stale and get the truncated importance weight.
         """
         self._check_version(current_version)
         started = time.perf_counter()
@@ -156,7 +149,7 @@ class LearnerRank:
             weight_max = max(weight_max, float(terms.importance_weight_max))
             return terms.loss, {name: float(getattr(terms, name).detach()) for name in EBFT_LOSS_TERMS}
 
-        metrics = self._accumulate(micro_loss, capture_gradients)
+        metrics = self._accumulate(micro_loss)
         metrics.update(
             gt_reward=float(inputs.alignment.mean()),
             diversity_reward=float(inputs.diversity.mean()),
@@ -196,7 +189,7 @@ class LearnerRank:
                 f"current_version={current_version} but the learner holds weight version {self.weight_version}"
             )
 
-    def _accumulate(self, micro_loss, capture_gradients: bool = False) -> dict[str, float]:
+    def _accumulate(self, micro_loss) -> dict[str, float]:
         """One optimizer step: backward through micro_loss(docs) -> (loss, values) for each micro-batch of
         this rank's documents (DeepSpeed divides by the accumulation steps), then the update.
         Returns the values' means over the micro-batches."""
@@ -207,7 +200,7 @@ class LearnerRank:
             loss, values = micro_loss(docs)
             self.engine.backward(loss)
             if micro == self.accumulation_steps - 1:
-                self._before_optimizer_step(capture_gradients)
+                self._before_optimizer_step()
             self.engine.step()
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -227,23 +220,14 @@ class LearnerRank:
         )
         return {f"{METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
 
-    def _before_optimizer_step(self, capture: bool) -> None:
+    def _before_optimizer_step(self) -> None:
         """At the accumulation boundary, after the last backward: read what the step will use."""
-        from deepspeed.utils import safe_get_full_grad
-
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])
-        grads = None
-        if capture or self.engine.zero_optimization_stage() == 0 and self.dtype == torch.float32:
-            # safe_get_full_grad is collective under ZeRO 1-3: every rank calls it for every parameter.
-            grads = {
-                name: safe_get_full_grad(p) for name, p in self.engine.module.named_parameters() if p.requires_grad
-            }
-        self.captured_gradients = {k: v.detach().float().cpu().clone() for k, v in grads.items()} if capture else None
-        self._grad_norm_fallback = (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()])))
-            if grads
-            else None
-        )
+        self._grad_norm_fallback = None
+        if self.engine.zero_optimization_stage() == 0 and self.dtype == torch.float32:
+            grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
+            norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+            self._grad_norm_fallback = float(torch.linalg.vector_norm(norms))
 
     @property
     def _grad_norm(self) -> float:
@@ -258,37 +242,6 @@ class LearnerRank:
         """HF-named weights on rank 0, None elsewhere (collective under ZeRO-3; see state_dict.py)."""
         zero3 = self.config.learner.zero_stage == 3
         return gather_state_dict(self.engine.module, zero3=zero3, rank=self.rank, device=device)
-
-    def export_weights(self) -> WeightUpdate | None:
-        """The current weights as safetensors bytes tagged with weight_version (rank 0; None elsewhere)."""
-        state = self.full_state_dict()
-        return None if state is None else weight_transport.state_dict_to_update(state, self.weight_version)
-
-    def connect_weight_receivers(self, rollout_actors: Sequence[Any]) -> None:
-        """Rank 0: open the configured transport (object store or NCCL) to the rollout actors."""
-        if self.rank != 0:
-            return
-        options = {}
-        if weight_transport.choose_transport(self.config) == weight_transport.NCCL:
-            import ray
-
-            options = {"master_address": ray.util.get_node_ip_address(), "master_port": free_port()}
-        self.weight_sender = weight_transport.make_weight_sender(self.config, rollout_actors, **options)
-        self.weight_sender.connect()
-
-    def push_weights(self) -> int | None:
-        """Send the current weights, as weight_version, to the connected rollout actors; all ranks call it.
-
-        Returns (rank 0) the version every actor reports. NCCL broadcasts from device memory; the
-        object store gets one safetensors copy that every actor reads.
-        """
-        nccl = weight_transport.choose_transport(self.config) == weight_transport.NCCL
-        state = self.full_state_dict(self.device if nccl else "cpu")
-        if self.rank != 0:
-            return None
-        if self.weight_sender is None:
-            raise RuntimeError("call connect_weight_receivers(rollout_actors) before push_weights()")
-        return self.weight_sender.send(state, self.weight_version)
 
     @torch.no_grad()
     def document_ce(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -363,6 +316,4 @@ class LearnerRank:
 
     def close(self) -> None:
         """Release the engine (the process group stays: it belongs to the process)."""
-        if self.weight_sender is not None:
-            self.weight_sender.close()
-        self.engine = self.optimizer = self.scheduler = self.reference_model = self.weight_sender = None
+        self.engine = self.optimizer = self.scheduler = self.reference_model = None

@@ -1,7 +1,7 @@
 """The learner pool: world_size Ray actors, each one DeepSpeed rank (engine.LearnerRank).
 
 The group shards a step's documents evenly over the ranks and fans every call out to all of them
-(train_step, export_weights, save_checkpoint and load_checkpoint are collective). Checkpoint paths
+(train_step, push_weights, save_checkpoint and load_checkpoint are collective). Checkpoint paths
 must be on storage every rank can reach (one node, or a shared filesystem).
 """
 
@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from ebft.cluster.placement import actor_options
-from ebft.config import Config
-from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch, WeightUpdate
+from ebft.config import NCCL, Config
+from ebft.learner.weight_sender import WeightPush, make_weight_sender
+from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +34,7 @@ class LearnerRankActor:
         send_output_to(log_file)
         torch.set_num_threads(max(1, int(cpus)))
         self.learner = None
+        self.weight_sender = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         from ebft.learner.deepspeed_setup import free_port
@@ -62,23 +64,37 @@ class LearnerRankActor:
             master_port=master_port,
         )
 
-    def train_step(self, rollouts, features, current_version: int, capture_gradients: bool = False) -> dict[str, float]:
-        return self.learner.train_step(rollouts, features, current_version, capture_gradients=capture_gradients)
+    def train_step(self, rollouts, features, current_version: int) -> dict[str, float]:
+        return self.learner.train_step(rollouts, features, current_version)
 
     def sft_step(self, chunks, current_version: int) -> dict[str, float]:
         return self.learner.sft_step(chunks, current_version)
 
-    def export_weights(self) -> WeightUpdate | None:
-        return self.learner.export_weights()
-
-    def captured_gradients(self):
-        return self.learner.captured_gradients
-
     def connect_weight_receivers(self, rollout_actors) -> None:
-        self.learner.connect_weight_receivers(rollout_actors)
+        """Rank 0: open the run's weight transport to these rollout actors (again after one was replaced)."""
+        if self.learner.rank != 0:
+            return
+        if self.weight_sender is not None:
+            self.weight_sender.close()
+        options = {}
+        if self.learner.config.weight_transport == NCCL:
+            from ebft.learner.deepspeed_setup import free_port
 
-    def push_weights(self) -> int | None:
-        return self.learner.push_weights()
+            options = {"master_address": ray.util.get_node_ip_address(), "master_port": free_port()}
+        self.weight_sender = make_weight_sender(self.learner.config, rollout_actors, **options)
+        self.weight_sender.connect()
+
+    def push_weights(self) -> tuple[int, list] | None:
+        """Start sending the current weights (all ranks: ZeRO-3 gathers them); rank 0 returns
+        (version, one acknowledgment per rollout actor). NCCL sends from device memory."""
+        nccl = self.learner.config.weight_transport == NCCL
+        state = self.learner.full_state_dict(self.learner.device if nccl else "cpu")
+        if state is None:
+            return None
+        if self.weight_sender is None:
+            raise RuntimeError("call connect_weight_receivers(rollout_actors) before push_weights()")
+        version = self.learner.weight_version
+        return version, self.weight_sender.send(state, version)
 
     def document_ce(self, tokens):
         return self.learner.document_ce(tokens)
@@ -145,18 +161,13 @@ class LearnerGroup:
         rollouts: list[RolloutBatch],
         features: list[FeatureBatch],
         current_version: int,
-        *,
-        capture_gradients: bool = False,
     ) -> dict[str, float]:
         """One optimizer step over all of the step's documents; metrics are already averaged over ranks."""
         from ebft.learner.batches import shard_batches
 
         shards = shard_batches(rollouts, features, self.world_size)
         metrics = ray.get(
-            [
-                actor.train_step.remote(r, f, current_version, capture_gradients)
-                for actor, (r, f) in zip(self.actors, shards)
-            ]
+            [actor.train_step.remote(r, f, current_version) for actor, (r, f) in zip(self.actors, shards)]
         )[0]
         self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
         return metrics
@@ -178,27 +189,19 @@ class LearnerGroup:
         self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
         return metrics
 
-    def export_weights(self) -> ray.ObjectRef:
-        """An ObjectRef of rank 0's WeightUpdate (all ranks take part: ZeRO-3 gathers the partitions)."""
-        refs = [actor.export_weights.remote() for actor in self.actors]
-        ray.get(refs[1:])
-        return refs[0]
-
     def connect_weight_receivers(self, rollout_actors: Sequence[Any]) -> None:
         """Open the configured weight transport from rank 0 to these rollout actors (once, or after a restart)."""
         ray.get([actor.connect_weight_receivers.remote(list(rollout_actors)) for actor in self.actors])
 
-    def push_weights(self) -> int:
-        """Send the current weights to the connected rollout actors through the transport (from rank 0,
-        gathered first under ZeRO-3); returns the version every actor now reports."""
-        return ray.get([actor.push_weights.remote() for actor in self.actors])[0]
+    def push_weights(self) -> WeightPush:
+        """Send the current weights to the connected rollout actors; returns once they are on their way
+        (`.confirm()` waits until every actor applied them)."""
+        version, acknowledgments = ray.get([actor.push_weights.remote() for actor in self.actors])[0]
+        return WeightPush(version, acknowledgments)
 
     def document_ce(self, tokens) -> torch.Tensor:
         """Teacher-forced token-mean NLL [docs] of chunks [docs, T] under the current policy."""
         return ray.get([actor.document_ce.remote(tokens) for actor in self.actors])[0]
-
-    def captured_gradients(self):
-        return ray.get(self.actors[0].captured_gradients.remote())
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict[str, Any] | None = None) -> str:
         return ray.get([actor.save_checkpoint.remote(str(path), extra_state or {}) for actor in self.actors])[0]

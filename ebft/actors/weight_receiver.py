@@ -1,0 +1,121 @@
+"""The rollout side of a weight push: new policy weights go into a running vLLM engine.
+
+Two transports (the learner side is ebft/learner/weight_sender.py; `Config.weight_transport` picks one):
+
+- object store: the learner puts one `WeightUpdate` (safetensors bytes) in the Ray object store and
+  every rollout actor loads it inside its vLLM worker through `WeightReceiverExtension` (the worker's
+  own reload path, then the CPU tied-embedding fix) with `load_update_into_engine`;
+- NCCL (GPUs): vLLM's native weight transfer; `receive_weight_broadcast` takes part in the learner's
+  broadcast (pause, start, update, finish with the version, resume).
+
+Either way the engine's prefix cache is cleared: cached KV computed with the old weights must not be reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from ebft.messages import WeightUpdate
+
+# The dotted path vLLM imports inside each engine worker (LLM(worker_extension_cls=...)).
+WORKER_EXTENSION = f"{__name__}.WeightReceiverExtension"
+
+
+class WeightReceiverExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine's worker.
+
+    `collective_rpc` msgpack-encodes its arguments when the engine runs in another process, so the
+    weights travel as safetensors bytes, never as tensors.
+    """
+
+    def ebft_load_safetensors(self, blob: bytes) -> int:
+        """Load HF-named weights into the running model in place; returns how many tensors were loaded."""
+        from safetensors.torch import load
+
+        weights = load(blob if isinstance(blob, bytes) else bytes(blob))
+        # A second model.load_weights() breaks on CPU (linear weights are repacked after loading);
+        # the worker's reload path re-runs that post-load processing.
+        tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
+        with _quiet_expected_reload_warnings(tied):
+            self.reload_weights(weights_iterator=iter(weights.items()))
+        self._refresh_tied_lm_head()
+        return len(weights)
+
+    def _refresh_tied_lm_head(self) -> None:
+        from vllm.platforms import current_platform
+
+        hf_config = self.model_runner.model_config.hf_text_config
+        if not (current_platform.is_cpu() and getattr(hf_config, "tie_word_embeddings", False)):
+            return
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is None:
+            return
+        # On CPU the LM head keeps a packed copy of the (tied) embedding made at load time; a reload
+        # of the embedding leaves it stale until it is packed again.
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """vLLM's reload warns "<layer>: Failed to load weights" for layers a checkpoint has no tensors
+    for: the rotary embedding (its cache is computed, not loaded) and, in a tied model, the LM head
+    (refreshed from the embedding by `_refresh_tied_lm_head`). Those are expected; others still show."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.expected = {"RotaryEmbedding", "ParallelLMHead"} if tied else {"RotaryEmbedding"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        expected = record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.expected
+        return not expected
+
+
+@contextlib.contextmanager
+def _quiet_expected_reload_warnings(tied: bool):
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    expected = _ExpectedReloadWarnings(tied)
+    reload_log.addFilter(expected)
+    try:
+        yield
+    finally:
+        reload_log.removeFilter(expected)
+
+
+def load_update_into_engine(llm, update: WeightUpdate) -> None:
+    """Object store: paused, loaded, cache cleared, resumed."""
+    with paused_engine(llm):
+        llm.collective_rpc("ebft_load_safetensors", args=(update.safetensors,))
+        llm.llm_engine.set_weight_version(str(update.version))
+        clear_prefix_cache(llm)
+
+
+def receive_weight_broadcast(llm, update_info: dict[str, list], version: int) -> None:
+    """NCCL: blocks until the learner's broadcast completes."""
+    with paused_engine(llm):
+        llm.start_weight_update()
+        llm.update_weights({"update_info": update_info})
+        llm.finish_weight_update(weight_version=str(version))
+        clear_prefix_cache(llm)
+
+
+def clear_prefix_cache(llm) -> None:
+    """Cached KV was computed with the old weights: a hit on it would mix two versions in one sequence."""
+    if llm.reset_prefix_cache() is False:  # vLLM refuses while requests hold cached blocks
+        raise RuntimeError("vLLM could not reset its prefix cache after a weight update (requests in flight?)")
+
+
+@contextlib.contextmanager
+def paused_engine(llm):
+    """Stop scheduling while weights change; requests in flight (none, when callers serialize) are kept.
+
+    `LLM.sleep(level=0)` is the synchronous engine's pause_generation; "keep" is the only mode an
+    in-process engine supports.
+    """
+    llm.sleep(level=0, mode="keep")
+    try:
+        yield llm
+    finally:
+        llm.wake_up(tags=["scheduling"])
