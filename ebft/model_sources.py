@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -188,3 +189,51 @@ def resolve_model_path(name_or_path: str) -> str:
             f"(prepared with `ebft models prepare {SMOLLM2_ALIAS}`)"
         )
     return name
+
+
+def check_reachable(name: str) -> None:
+    """A hub id must be fetchable before any work starts: without network (or with a typo) the loaders retry
+    for ~25 s and end in a raw OSError. Says in one line what is wrong and how to use a local folder instead.
+    Local folders and `smollm2` pass untouched; a hub id already in the local cache passes without network."""
+    if name == SMOLLM2_ALIAS or Path(name).expanduser().exists() or not _looks_like_hub_id(name):
+        return
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    use_local = (
+        "point model.policy (or model.feature_model) at a local folder holding config.json and the weights, "
+        f"or use `{SMOLLM2_ALIAS}`"
+    )
+    try:
+        hf_hub_download(name, "config.json", local_files_only=True)
+        return
+    except Exception:  # not in the cache: ask the hub
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"model `{name}` is not in the local hub cache and HF_HUB_OFFLINE is set; {use_local}")
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
+    except OSError as error:
+        raise ConfigError(
+            f"model `{name}` could not be reached: {constants.ENDPOINT} does not answer ({error}), this machine seems "
+            f"offline; {use_local}"
+        ) from None
+    try:
+        hf_hub_download(name, "config.json")
+    except GatedRepoError:
+        raise ConfigError(
+            f"model `{name}` is gated: accept its license on the hub and log in (`hf auth login` or HF_TOKEN), "
+            f"or {use_local}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"model `{name}` does not exist on {constants.ENDPOINT} (a typo?) or is private (log in); {use_local}"
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"model `{name}` could not be fetched from {constants.ENDPOINT} ({error}); {use_local}"
+        ) from None

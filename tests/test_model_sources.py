@@ -132,3 +132,52 @@ def test_real_smollm2_conversion_loads_and_answers():
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     output = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, prompt["input_ids"].shape[1] :])
+
+
+# ----------------------------------------------------------------------------- hub ids without a hub
+
+MISSING_HUB_ID = "ebft-tests/surely-not-a-cached-model"
+
+
+def test_offline_mode_names_the_model_and_the_fix_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"`{MISSING_HUB_ID}` is not in the local hub cache.*local folder"):
+        models.check_reachable(MISSING_HUB_ID)
+    assert time.perf_counter() - started < 5
+
+
+def test_unreachable_hub_fails_in_one_line_within_seconds(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="could not be reached.*seems offline.*model.policy") as error:
+        models.check_reachable(MISSING_HUB_ID)
+    assert time.perf_counter() - started < 10
+    assert "\n" not in str(error.value)
+
+
+def test_local_folders_and_the_alias_need_no_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    (tmp_path / "config.json").write_text("{}")
+    models.check_reachable(str(tmp_path))
+    models.check_reachable(models.SMOLLM2_ALIAS)
+
+
+def test_a_run_with_an_unreachable_model_leaves_no_run_folder(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from ebft.cluster.train import run
+    from ebft.config import build_config
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    config = build_config({"model": {"policy": MISSING_HUB_ID}, "training": {"output_dir": str(tmp_path / "run")}})
+    with pytest.raises(ConfigError, match=MISSING_HUB_ID):
+        run(config)
+    assert not (tmp_path / "run").exists()

@@ -156,10 +156,12 @@ class RunInputs:
         from transformers import AutoTokenizer
 
         from ebft.data.chunks import prepare_data
-        from ebft.model_sources import resolve_model_path
+        from ebft.model_sources import check_reachable, resolve_model_path
 
         policy_path = resolve_model_path(config.model.policy)
         feature_path = resolve_model_path(config.model.feature_model or config.model.policy)
+        for path in {policy_path, feature_path}:
+            check_reachable(path)
         run_dir, checkpoint = prepare_run_dir(config, resume)
         seed_everything(config.training.seed)
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)

@@ -42,7 +42,7 @@ TRANSLATION_STOP = ("\n",)
 def resolve_evaluated_model(model_or_checkpoint: str) -> str:
     """A model folder, checkpoint, `smollm2`, hub id, or a run folder (-> its newest complete checkpoint)."""
     from ebft.learner.checkpoint import latest_checkpoint
-    from ebft.model_sources import resolve_model_path
+    from ebft.model_sources import check_reachable, resolve_model_path
 
     path = Path(model_or_checkpoint).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
@@ -50,7 +50,9 @@ def resolve_evaluated_model(model_or_checkpoint: str) -> str:
             latest = latest_checkpoint(root)
             if latest is not None:
                 return str(latest)
-    return resolve_model_path(model_or_checkpoint)
+    resolved = resolve_model_path(model_or_checkpoint)
+    check_reachable(resolved)
+    return resolved
 
 
 def default_metrics_path(model_path: str) -> Path:
