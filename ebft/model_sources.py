@@ -237,3 +237,12 @@ def check_reachable(name: str) -> None:
         raise ConfigError(
             f"model `{name}` could not be fetched from {constants.ENDPOINT} ({error}); {use_local}"
         ) from None
+
+
+def resolve_run_models(config) -> tuple[str, str]:
+    """(policy, feature model) of a run, resolved and, for hub ids, checked reachable before any work starts."""
+    policy = resolve_model_path(config.model.policy)
+    feature = resolve_model_path(config.model.feature_model or config.model.policy)
+    for path in {policy, feature}:
+        check_reachable(path)
+    return policy, feature

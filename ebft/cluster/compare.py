@@ -25,7 +25,7 @@ from rich.table import Table
 from ebft.config import Config, ConfigError, dump_config
 from ebft.evaluation.heldout import PAIRED_METRICS, Evaluation, paired_differences
 from ebft.evaluation.stats import Difference
-from ebft.model_sources import check_reachable, resolve_model_path
+from ebft.model_sources import resolve_run_models
 
 ARMS = ("ebft", "sft")
 LABELS = {
@@ -72,8 +72,7 @@ def compare(config: Config, *, address: str | None = None, console: Console | No
     console = console or Console()
     if config.data.heldout_fraction <= 0:
         raise ConfigError("ebft compare evaluates on held-out chunks: set data.heldout_fraction > 0 (e.g. 0.05)")
-    for model in {config.model.policy, config.model.feature_model or config.model.policy}:
-        check_reachable(resolve_model_path(model))  # before the compare folder is made
+    resolve_run_models(config)  # a missing or unreachable model fails before the compare folder is made
     root = Path(config.training.output_dir)
     configs = {method: arm_config(config, method) for method in ARMS}
     root.mkdir(parents=True, exist_ok=True)

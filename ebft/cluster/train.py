@@ -156,12 +156,9 @@ class RunInputs:
         from transformers import AutoTokenizer
 
         from ebft.data.chunks import prepare_data
-        from ebft.model_sources import check_reachable, resolve_model_path
+        from ebft.model_sources import resolve_run_models
 
-        policy_path = resolve_model_path(config.model.policy)
-        feature_path = resolve_model_path(config.model.feature_model or config.model.policy)
-        for path in {policy_path, feature_path}:
-            check_reachable(path)
+        policy_path, feature_path = resolve_run_models(config)
         run_dir, checkpoint = prepare_run_dir(config, resume)
         seed_everything(config.training.seed)
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)

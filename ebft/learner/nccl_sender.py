@@ -39,7 +39,8 @@ class NcclWeightSender(WeightSender):
         wait: Callable[[list], list] = ray_get,
         open_group: Callable[[str, int, int], Any] | None = None,
     ) -> None:
-        super().__init__(receivers, wait)
+        super().__init__(receivers)
+        self.wait = wait
         self.master_address = master_address
         self.master_port = master_port
         self.packed = packed

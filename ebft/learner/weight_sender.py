@@ -28,13 +28,6 @@ def ray_get(futures: list) -> list:
     return ray.get(futures)
 
 
-def confirm_applied(reported: Sequence[int], version: int) -> int:
-    """The version every rollout actor reports having applied, which must be the one pushed."""
-    if any(v != version for v in reported):
-        raise RuntimeError(f"rollout actors report versions {list(reported)} after a push of version {version}")
-    return version
-
-
 @dataclass
 class WeightPush:
     """A push in flight: `confirm()` waits until every rollout actor applied `version` and returns it."""
@@ -44,7 +37,10 @@ class WeightPush:
     wait: Callable[[list], list] = ray_get
 
     def confirm(self) -> int:
-        return confirm_applied(self.wait(self.acknowledgments), self.version)
+        reported = self.wait(self.acknowledgments)
+        if any(v != self.version for v in reported):
+            raise RuntimeError(f"rollout actors report versions {reported} after a push of version {self.version}")
+        return self.version
 
 
 def state_dict_to_update(state_dict: Mapping[str, torch.Tensor], version: int) -> WeightUpdate:
@@ -70,9 +66,8 @@ def state_dict_to_update(state_dict: Mapping[str, torch.Tensor], version: int) -
 class WeightSender(ABC):
     """Rank 0 of the learner: deliver weights of one version to every rollout actor."""
 
-    def __init__(self, receivers: Sequence[Any], wait: Callable[[list], list] = ray_get) -> None:
+    def __init__(self, receivers: Sequence[Any]) -> None:
         self.receivers = list(receivers)
-        self.wait = wait
         self.version: int | None = None
 
     def connect(self) -> None:
