@@ -106,6 +106,9 @@ class PoolResources(Section):
     num_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0.0)
     cpus_per_actor: float = Field(1.0, gt=0.0)
+    threads: int | None = Field(None, ge=1)
+    """torch/OpenMP threads of each actor. None: a CPU learner rank takes its node's cores (shared evenly
+    with the other learner ranks there), every other actor floor(cpus_per_actor), at least 1 (README "Resources")."""
 
 
 class ResourcesConfig(Section):
@@ -128,6 +131,9 @@ class LearnerConfig(Section):
     """Documents per forward/backward; gradient accumulation makes up training.docs_per_step."""
     gradient_checkpointing: bool = True
     offload_optimizer: bool = False
+    attention: Literal["dense", "blocks"] = "blocks"
+    """How a packed row attends: `dense` scores all S^2 pairs under the packed mask; `blocks` scores only the
+    document's causal part and each block's group (ebft/learner/packed_attention.py); same log-probs."""
 
 
 class TrainingConfig(Section):

@@ -1,9 +1,11 @@
-"""How many CPU threads a pool's work runs on (README "Resources").
+"""How many CPU threads each actor runs (README "Resources").
 
-An actor's steady-state threads follow its Ray CPU request (Ray sets OMP_NUM_THREADS from it), so
-pools that work at the same time, as generation and training do, do not oversubscribe the cores.
-Work that runs alone on its node, like a held-out evaluation's generation and embedding, asks for
-every core the process may run on, for that call only.
+On one CPU node the pools share the cores in time: the learner's step is the long phase, so each
+learner rank takes the node's cores (split evenly between the learner ranks on that node) while the
+engines keep floor(cpus_per_actor) threads, at least 1, for the generation and embedding that overlap
+it. Work that runs alone on its node, like a held-out evaluation's generation and embedding, takes
+every core for that call only. `resources.<pool>.threads` overrides the count; on GPUs the threads
+only feed the device and follow cpus_per_actor.
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ import torch
 # vLLM's CPU worker replaces torch.set_num_threads with a function that refuses (and warns) once its
 # engine is built in this process; the built-in behind it still sets the OpenMP pool.
 _set_num_threads = torch._C.set_num_threads
+
+
+def set_threads(count: int) -> None:
+    """Set this process's torch (OpenMP) thread count, also after a vLLM engine was built in it."""
+    _set_num_threads(max(1, count))
+
+
+def actor_threads(resources, *, learner: bool, on_gpu: bool, ranks_on_node: int = 1) -> int:
+    """Threads for one actor of a pool with these `PoolResources` (see the module docstring)."""
+    if resources.threads is not None:
+        return resources.threads
+    if learner and not on_gpu:
+        return max(1, node_cores() // ranks_on_node)
+    return max(1, int(resources.cpus_per_actor))
 
 
 def node_cores() -> int:

@@ -67,7 +67,11 @@ def tiny_run_config(model_dir, output_dir, **sections) -> dict:
             "heldout_fraction": 0.2,
         },
         "sampling": {"context_length": 4, "stride": 4, "block_length": 4, "num_samples": 4},
-        "resources": {pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features", "learner")},
+        "resources": {
+            **{pool: {"num_actors": 1, "cpus_per_actor": 0.5} for pool in ("rollout", "features")},
+            # Tiny ops: a second thread only adds synchronisation (the default layout is tested on its own).
+            "learner": {"num_actors": 1, "cpus_per_actor": 0.5, "threads": 1},
+        },
         "rollout": {"kv_cache_gib": 0.125},
         "learner": {"zero_stage": 1, "micro_batch_docs": 1, "gradient_checkpointing": False},
         "optim": {"lr": 1e-3, "warmup_fraction": 0.0},

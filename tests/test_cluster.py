@@ -138,6 +138,46 @@ def test_killed_rollout_actor_is_replaced_and_nothing_is_lost(local_ray, tiny_mo
     assert sorted(summary.trained_chunk_ids) == list(range(10))
 
 
+def test_threads_follow_the_resource_model(local_ray, tiny_model_with_tokenizer, tmp_path):
+    """On one CPU node a learner rank takes the node's cores, shared with the other learner ranks there;
+    the engines keep floor(cpus_per_actor), at least 1; `threads` overrides either."""
+    from ebft.actors.pool import create_rollout_actor
+    from ebft.cpu_threads import node_cores
+    from ebft.features.pool import create_feature_worker
+    from ebft.learner.group import LearnerGroup
+
+    def threads(actor):
+        return ray.get(actor.__ray_call__.remote(lambda _: torch.get_num_threads()))
+
+    pools = {pool: {"num_actors": 1, "cpus_per_actor": 0.5, "threads": None} for pool in ("rollout", "features")}
+    config = tiny_config(
+        tiny_model_with_tokenizer,
+        tmp_path,
+        resources={**pools, "learner": {"num_actors": 2, "cpus_per_actor": 0.5, "threads": None}},
+        training={"docs_per_step": 2},
+    )
+    cores = ray.get(ray.remote(num_cpus=0)(node_cores).remote())
+    actor = create_rollout_actor(config, str(tiny_model_with_tokenizer))
+    worker = create_feature_worker(config, str(tiny_model_with_tokenizer))
+    try:
+        with LearnerGroup(config, str(tiny_model_with_tokenizer)) as learner:
+            assert [threads(rank) for rank in learner.actors] == [max(1, cores // 2)] * 2
+        assert threads(actor) == 1 and threads(worker) == 1
+    finally:
+        ray.kill(actor)
+        ray.kill(worker)
+
+    config.resources.learner.num_actors, config.resources.learner.threads = 1, 3
+    config.resources.features.threads = 2
+    worker = create_feature_worker(config, str(tiny_model_with_tokenizer))
+    try:
+        with LearnerGroup(config, str(tiny_model_with_tokenizer)) as learner:
+            assert threads(learner.actors[0]) == 3
+        assert threads(worker) == 2
+    finally:
+        ray.kill(worker)
+
+
 def test_max_staleness_0_equals_a_hand_sequenced_synchronous_run(local_ray, tiny_model_with_tokenizer, tmp_path):
     """The controller with k = 0 against the algorithm written out step by step with the same pieces."""
     from transformers import AutoTokenizer

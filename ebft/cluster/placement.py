@@ -9,6 +9,7 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ebft.config import Config, PoolResources
+from ebft.cpu_threads import actor_threads
 
 POOLS = ("rollout", "features", "learner")
 
@@ -23,8 +24,17 @@ def pool_bundles(resources: PoolResources) -> list[dict[str, float]]:
 def actor_options(
     resources: PoolResources, placement_group: PlacementGroup | None = None, bundle_index: int = 0, **extra: Any
 ) -> dict[str, Any]:
-    """Ray options of one actor of a pool: its CPUs and GPUs, in bundle `bundle_index` of the pool's group if given."""
-    options: dict[str, Any] = {"num_cpus": resources.cpus_per_actor, "num_gpus": resources.gpus_per_actor, **extra}
+    """Ray options of one actor of a pool: its CPUs and GPUs, in bundle `bundle_index` of the pool's group if given,
+    and its starting thread count (cpu_threads.actor_threads; a learner rank then takes its share of the node)."""
+    threads = actor_threads(resources, learner=False, on_gpu=resources.gpus_per_actor > 0)
+    runtime_env = extra.pop("runtime_env", {})
+    env_vars = {"OMP_NUM_THREADS": str(threads), **runtime_env.get("env_vars", {})}
+    options: dict[str, Any] = {
+        "num_cpus": resources.cpus_per_actor,
+        "num_gpus": resources.gpus_per_actor,
+        "runtime_env": {**runtime_env, "env_vars": env_vars},
+        **extra,
+    }
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement_group, placement_group_bundle_index=bundle_index

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ebft.config import Config, batch_geometry
+from ebft.learner import packed_attention
 
 
 def free_port() -> int:
@@ -116,7 +117,7 @@ def from_pretrained(config: Config, model_path: str, ds_config: dict[str, Any]):
     model = AutoModelForCausalLM.from_pretrained(
         model_path,
         dtype=getattr(torch, config.model.dtype),
-        attn_implementation="sdpa",
+        attn_implementation=packed_attention.register() if config.learner.attention == "blocks" else "sdpa",
         trust_remote_code=config.model.trust_remote_code,
     )
     del zero3_loading
@@ -135,7 +136,11 @@ def policy_engine(config: Config, model_path: str, ds_config: dict[str, Any], on
         # On CPU a torch AdamW avoids DeepSpeed's JIT-built Adam; on GPU with offload DeepSpeed
         # builds its CPU Adam from the "optimizer" section instead.
         o = config.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        # fused: one kernel over ZeRO's flat fp32 partition, where the default allocates several
+        # partition-sized temporaries per step (each a fresh mmap on CPU: ~1 s of page faults at 135M).
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True
+        )
     warmup = warmup_steps(config)
     engine, optimizer, _, scheduler = import_deepspeed().initialize(
         model=model,

@@ -85,19 +85,18 @@ class LearnerRank:
         self.weight_version = 0
         self._last_lr = float("nan")
         self._grad_norm_fallback: float | None = None
-        self._mask = self.plan.attention_mask(self.dtype).to(self.device)
         self._positions = self.plan.position_ids.to(self.device)
+        # How the packed rows attend (learner.attention): the plan itself, or the dense [1, 1, S, S] mask.
+        if config.learner.attention == "blocks":
+            self._attention = {"block_plan": self.plan}
+        else:
+            self._attention = {"attention_mask": self.plan.attention_mask(self.dtype).to(self.device)}
 
     # ------------------------------------------------------------------ training
 
     def _packed_logits(self, model, packed: torch.Tensor) -> torch.Tensor:
-        batch = packed.shape[0]
-        return model(
-            input_ids=packed,
-            attention_mask=self._mask.expand(batch, -1, -1, -1),
-            position_ids=self._positions.expand(batch, -1),
-            use_cache=False,
-        ).logits
+        positions = self._positions.expand(packed.shape[0], -1)
+        return model(input_ids=packed, position_ids=positions, use_cache=False, **self._attention).logits
 
     def train_step(
         self,

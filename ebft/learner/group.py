@@ -26,15 +26,15 @@ if TYPE_CHECKING:
 class LearnerRankActor:
     """Ray actor body: one process, one rank, built once the rendezvous address is known."""
 
-    def __init__(self, cpus: float, log_file: str | None = None):
-        import torch
-
+    def __init__(self, log_file: str | None = None):
         from ebft.actor_output import send_output_to
 
         send_output_to(log_file)
-        torch.set_num_threads(max(1, int(cpus)))
         self.learner = None
         self.weight_sender = None
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def rendezvous_address(self) -> tuple[str, int]:
         from ebft.learner.deepspeed_setup import free_port
@@ -51,9 +51,16 @@ class LearnerRankActor:
         local_rank: int,
         master_addr: str,
         master_port: int,
+        ranks_on_node: int,
     ) -> None:
+        """`ranks_on_node`: learner ranks sharing this node's cores (cpu_threads.actor_threads)."""
+        from ebft.cpu_threads import actor_threads, set_threads
         from ebft.learner.engine import LearnerRank
 
+        resources = config.resources.learner
+        set_threads(
+            actor_threads(resources, learner=True, on_gpu=resources.gpus_per_actor > 0, ranks_on_node=ranks_on_node)
+        )
         self.learner = LearnerRank(
             config,
             model_path,
@@ -131,11 +138,13 @@ class LearnerGroup:
         for rank in range(self.world_size):
             options = actor_options(resources, placement_group, bundles[rank])
             log_file = None if log_dir is None else str(Path(log_dir) / f"learner-{rank}.log")
-            self.actors.append(remote_cls.options(**options).remote(resources.cpus_per_actor, log_file))
+            self.actors.append(remote_cls.options(**options).remote(log_file))
         try:
             master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
+            nodes = ray.get([actor.node_id.remote() for actor in self.actors])
+            on_gpu = resources.gpus_per_actor > 0
             # Each GPU actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), hence local rank 0.
-            local = (lambda rank: 0) if resources.gpus_per_actor > 0 else (lambda rank: rank)
+            local = (lambda rank: 0) if on_gpu else (lambda rank: rank)
             ray.get(
                 [
                     actor.setup.remote(
@@ -146,6 +155,7 @@ class LearnerGroup:
                         local_rank=local(rank),
                         master_addr=master_addr,
                         master_port=master_port,
+                        ranks_on_node=nodes.count(nodes[rank]),
                     )
                     for rank, actor in enumerate(self.actors)
                 ]

@@ -29,30 +29,39 @@ def _slices(positions: torch.Tensor):
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits[:, positions] / temperature)[targets], slice by slice in both passes.
 
-    Only the logits themselves are kept for backward; the gradient of every slice,
-    (onehot(target) - softmax) / temperature, is added into one logits-sized buffer.
+    Only the logits and the per-position log-normaliser are kept for backward; the gradient of every
+    slice, (onehot(target) - softmax) / temperature, is built in place in one float32 slice buffer and
+    added into one logits-sized buffer.
     """
 
     @staticmethod
     def forward(ctx, logits, positions, targets, temperature):
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        log_normalizer = torch.empty_like(out)
         for part, where in _slices(positions):
-            scaled = logits[:, where].float() / temperature
-            out[:, part] = torch.log_softmax(scaled, dim=-1).gather(-1, targets[:, part, None]).squeeze(-1)
-        ctx.save_for_backward(logits, positions, targets)
+            scaled = _scaled_slice(logits, where, temperature)
+            log_normalizer[:, part] = torch.logsumexp(scaled, dim=-1)
+            out[:, part] = scaled.gather(-1, targets[:, part, None]).squeeze(-1) - log_normalizer[:, part]
+        ctx.save_for_backward(logits, positions, targets, log_normalizer)
         ctx.temperature = temperature
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, positions, targets = ctx.saved_tensors
+        logits, positions, targets, log_normalizer = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits)
         for part, where in _slices(positions):
-            weight = grad_out[:, part, None].float()  # [B, slice, 1]
-            grad = torch.softmax(logits[:, where].float() / ctx.temperature, dim=-1).mul_(-weight)
-            grad.scatter_add_(-1, targets[:, part, None], weight)
-            grad_logits.index_add_(1, where, grad.div_(ctx.temperature).to(logits.dtype))
+            weight = grad_out[:, part, None].float() / ctx.temperature  # [B, slice, 1]
+            grad = _scaled_slice(logits, where, ctx.temperature).sub_(log_normalizer[:, part, None]).exp_()
+            grad.mul_(-weight).scatter_add_(-1, targets[:, part, None], weight)
+            grad_logits.index_add_(1, where, grad.to(logits.dtype))
         return grad_logits, None, None, None
+
+
+def _scaled_slice(logits: torch.Tensor, where: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A new float32 tensor logits[:, where] / temperature."""
+    scaled = logits[:, where].float()
+    return scaled if temperature == 1.0 else scaled.div_(temperature)
 
 
 def token_logprobs(
