@@ -107,8 +107,8 @@ class PoolResources(Section):
     gpus_per_actor: float = Field(0.0, ge=0.0)
     cpus_per_actor: float = Field(1.0, gt=0.0)
     threads: int | None = Field(None, ge=1)
-    """torch/OpenMP threads of each actor. None: a CPU learner rank takes its node's cores (shared evenly
-    with the other learner ranks there), every other actor floor(cpus_per_actor), at least 1 (README "Resources")."""
+    """torch/OpenMP threads of each actor. None: floor(cpus_per_actor), at least 1; a CPU learner rank whose
+    training nothing overlaps (training.max_staleness 0) takes its node's cores (README "Resources")."""
 
 
 class ResourcesConfig(Section):

@@ -139,8 +139,9 @@ def test_killed_rollout_actor_is_replaced_and_nothing_is_lost(local_ray, tiny_mo
 
 
 def test_threads_follow_the_resource_model(local_ray, tiny_model_with_tokenizer, tmp_path):
-    """On one CPU node a learner rank takes the node's cores, shared with the other learner ranks there;
-    the engines keep floor(cpus_per_actor), at least 1; `threads` overrides either."""
+    """On one CPU node a learner rank whose training nothing overlaps (max_staleness 0) takes the node's cores,
+    shared with the other learner ranks there; otherwise every actor keeps floor(cpus_per_actor), at least 1;
+    `threads` overrides either."""
     from ebft.actors.pool import create_rollout_actor
     from ebft.cpu_threads import node_cores
     from ebft.features.pool import create_feature_worker
@@ -154,7 +155,7 @@ def test_threads_follow_the_resource_model(local_ray, tiny_model_with_tokenizer,
         tiny_model_with_tokenizer,
         tmp_path,
         resources={**pools, "learner": {"num_actors": 2, "cpus_per_actor": 0.5, "threads": None}},
-        training={"docs_per_step": 2},
+        training={"docs_per_step": 2, "max_staleness": 0},
     )
     cores = ray.get(ray.remote(num_cpus=0)(node_cores).remote())
     actor = create_rollout_actor(config, str(tiny_model_with_tokenizer))
@@ -166,6 +167,10 @@ def test_threads_follow_the_resource_model(local_ray, tiny_model_with_tokenizer,
     finally:
         ray.kill(actor)
         ray.kill(worker)
+
+    config.training.max_staleness = 1  # generation overlaps training: the learner keeps its share
+    with LearnerGroup(config, str(tiny_model_with_tokenizer)) as learner:
+        assert [threads(rank) for rank in learner.actors] == [1, 1]
 
     config.resources.learner.num_actors, config.resources.learner.threads = 1, 3
     config.resources.features.threads = 2

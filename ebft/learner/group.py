@@ -58,9 +58,8 @@ class LearnerRankActor:
         from ebft.learner.engine import LearnerRank
 
         resources = config.resources.learner
-        set_threads(
-            actor_threads(resources, learner=True, on_gpu=resources.gpus_per_actor > 0, ranks_on_node=ranks_on_node)
-        )
+        on_gpu, trains_alone = resources.gpus_per_actor > 0, config.training.max_staleness == 0
+        set_threads(actor_threads(resources, on_gpu=on_gpu, trains_alone=trains_alone, ranks_on_node=ranks_on_node))
         self.learner = LearnerRank(
             config,
             model_path,
