@@ -43,7 +43,7 @@ compare: $(STAMP)
 	$(BIN)/ebft compare configs/compare.yaml training.output_dir=runs/compare-$$(date +%Y%m%d-%H%M%S) $(COMPARE_ARGS)
 
 bench: $(STAMP)
-	cd benchmarks && for b in rewards rollout features learner weight_sync pipeline; do \
+	cd benchmarks && for b in rewards rollout features learner learner_floor attention weight_sync pipeline; do \
 		test -f $$b.py && ../$(BIN)/python $$b.py | tail -1; done
 
 clean:
