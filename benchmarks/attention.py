@@ -100,9 +100,12 @@ def main() -> None:
         results[attention] = json.loads(output.strip().splitlines()[-1])
     dense, blocks = results["dense"], results["blocks"]
     difference = max(abs(a - b) for a, b in zip(dense["logprobs"], blocks["logprobs"]))
+    from ebft.layout import BlockPlan
+    from ebft.learner.packed_attention import blocks_per_group
+
     T = args.chunk_length
-    NB = (T - G - C) // S + 1
-    K = max(1, T // (4 * N * G))  # packed_attention.blocks_per_group
+    plan = replace(BlockPlan(T, C, S, G), samples=N)
+    NB, K = plan.num_blocks, blocks_per_group(plan)
     grouped = -(-NB // K) * K * N * G
     scores = {"dense": dense["S"] ** 2, "blocks": T * T // 2 + grouped * (T + K * N * G)}
     print(

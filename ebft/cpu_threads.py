@@ -48,9 +48,9 @@ def all_cores(enabled: bool = True):
     """Run the block on every core of the node (if enabled), then go back to the previous thread count."""
     before = torch.get_num_threads()
     if enabled:
-        _set_num_threads(node_cores())
+        set_threads(node_cores())
     try:
         yield
     finally:
         if enabled:
-            _set_num_threads(before)
+            set_threads(before)
