@@ -109,6 +109,19 @@ class PoolResources(Section):
     threads: int | None = Field(None, ge=1)
     """torch/OpenMP threads of each actor. None: floor(cpus_per_actor), at least 1; a CPU learner rank whose
     training nothing overlaps (training.max_staleness 0) takes its node's cores (README "Resources")."""
+    node_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each actor also needs, e.g. {"rollout_node": 1} to keep the pool on nodes started
+    with `ray start --resources='{"rollout_node": 8}'` (README "Resources")."""
+
+    @field_validator("node_resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(value)
+        if builtin:
+            raise ValueError(f"{sorted(builtin)} are set by cpus_per_actor / gpus_per_actor; name custom resources")
+        if any(amount <= 0 for amount in value.values()):
+            raise ValueError("every amount must be > 0")
+        return value
 
 
 class ResourcesConfig(Section):

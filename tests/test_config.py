@@ -74,3 +74,12 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch
     assert build_config({"model": {"dtype": "bfloat16"}}).model.dtype == "bfloat16"  # an explicit choice stays
     monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: True)
     assert build_config({}).model.dtype == "bfloat16"
+
+
+def test_node_resources_are_custom_and_positive():
+    config = build_config({"resources": {"rollout": {"node_resources": {"rollout_node": 1}}}})
+    assert config.resources.rollout.node_resources == {"rollout_node": 1.0}
+    with pytest.raises(ConfigError, match=r"`resources.learner.node_resources`.*cpus_per_actor"):
+        build_config({"resources": {"learner": {"node_resources": {"CPU": 2}}}})
+    with pytest.raises(ConfigError, match=r"`resources.features.node_resources`.*> 0"):
+        build_config(overrides=['resources.features.node_resources={"trainer_node": 0}'])

@@ -15,7 +15,7 @@ POOLS = ("rollout", "features", "learner")
 
 
 def pool_bundles(resources: PoolResources) -> list[dict[str, float]]:
-    bundle = {"CPU": resources.cpus_per_actor}
+    bundle = {"CPU": resources.cpus_per_actor, **resources.node_resources}
     if resources.gpus_per_actor:
         bundle["GPU"] = resources.gpus_per_actor
     return [dict(bundle) for _ in range(resources.num_actors)]
@@ -32,6 +32,7 @@ def actor_options(
     options: dict[str, Any] = {
         "num_cpus": resources.cpus_per_actor,
         "num_gpus": resources.gpus_per_actor,
+        "resources": dict(resources.node_resources),
         "runtime_env": {**runtime_env, "env_vars": env_vars},
         **extra,
     }
@@ -45,18 +46,15 @@ def actor_options(
 def check_fits(config: Config) -> None:
     """Fail before any actor starts if the pools cannot fit the cluster's resources."""
     available = ray.cluster_resources()
-    for kind in ("CPU", "GPU"):
-        needed = sum(b.get(kind, 0.0) for pool in POOLS for b in pool_bundles(getattr(config.resources, pool)))
+    bundles = {pool: pool_bundles(getattr(config.resources, pool)) for pool in POOLS}
+    for kind in sorted({kind for pool in bundles.values() for bundle in pool for kind in bundle}):
+        needed = sum(bundle.get(kind, 0.0) for pool in bundles.values() for bundle in pool)
         have = available.get(kind, 0.0)
         if needed > have + 1e-9:
-            sizes = ", ".join(
-                f"{pool}: {r.num_actors} x ({r.cpus_per_actor} CPU, {r.gpus_per_actor} GPU)"
-                for pool in POOLS
-                for r in [getattr(config.resources, pool)]
-            )
+            sizes = ", ".join(f"{pool}: {len(b)} x {b[0]}" for pool, b in bundles.items())
             raise RuntimeError(
-                f"the pools need {needed:g} {kind} but the Ray cluster has {have:g} ({sizes}); "
-                f"lower resources.<pool>.num_actors / cpus_per_actor / gpus_per_actor or add nodes"
+                f"the pools need {needed:g} {kind} but the Ray cluster has {have:g} ({sizes}); lower "
+                f"resources.<pool>.num_actors / cpus_per_actor / gpus_per_actor / node_resources or add nodes"
             )
 
 

@@ -1,4 +1,7 @@
-"""A pool of Ray actors of one kind, each pinned to its placement-group bundle; dead ones are replaced."""
+"""A pool of Ray actors of one kind, each pinned to its placement-group bundle; dead ones are replaced.
+
+When a whole node goes, Ray moves its bundles to another node with the resources; if none has them,
+the replacement waits (saying so every REPLACEMENT_NOTICE_S) until a node that has them joins."""
 
 from __future__ import annotations
 
@@ -7,14 +10,18 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group_table
 
 log = logging.getLogger(__name__)
+REPLACEMENT_NOTICE_S = 30.0
+START_ATTEMPTS = 3
 
 
 def is_actor_failure(error: BaseException) -> bool:
-    """True when the actor that ran the task (or produced one of its inputs) is gone."""
-    if isinstance(error, (RayActorError, ActorDiedError, ActorUnavailableError)):
+    """True when the actor that ran the task (or produced one of its inputs) is gone, or its result went
+    with its node: the work has to be done again elsewhere."""
+    if isinstance(error, (RayActorError, ActorDiedError, ActorUnavailableError, ObjectLostError)):
         return True
     cause = getattr(error, "cause", None)
     return cause is not None and cause is not error and is_actor_failure(cause)
@@ -23,9 +30,10 @@ def is_actor_failure(error: BaseException) -> bool:
 class ActorPool:
     """`create(index)` makes the actor for slot `index` (placed in bundle `index` of the pool's group)."""
 
-    def __init__(self, name: str, create: Callable[[int], Any], size: int):
+    def __init__(self, name: str, create: Callable[[int], Any], size: int, group: PlacementGroup | None = None):
         self.name = name
         self.create = create
+        self.group = group
         self.actors = [create(index) for index in range(size)]
 
     def __len__(self) -> int:
@@ -49,8 +57,35 @@ class ActorPool:
             ray.kill(failed, no_restart=True)
         except Exception:
             pass
-        self.actors[index] = self.create(index)
-        return True
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self.actors[index] = self.create(index)
+            try:
+                self.wait_until_started(index)
+                return True
+            except Exception as error:
+                # e.g. placed on a node that was already going but not yet declared dead
+                if not is_actor_failure(error) or attempt == START_ATTEMPTS:
+                    raise
+                log.warning("%s actor %d died while starting (%s); starting another", self.name, index, error)
+        raise AssertionError("unreachable")
+
+    def wait_until_started(self, index: int) -> None:
+        """Block until actor `index` runs; while its placement group has no node, say what it waits for."""
+        ready = self.actors[index].__ray_ready__.remote()
+        waited = 0.0
+        while not ray.wait([ready], timeout=REPLACEMENT_NOTICE_S)[0]:
+            waited += REPLACEMENT_NOTICE_S
+            if self.group is not None and placement_group_table(self.group).get("state") != "CREATED":
+                bundle = self.group.bundle_specs[index]
+                log.warning(
+                    "%s actor %d has waited %.0f s for a node with %s free (its node left the cluster?); start "
+                    "one, e.g. `ray start --address=<head> --resources=...`: training continues when it joins",
+                    self.name,
+                    index,
+                    waited,
+                    bundle,
+                )
+        ray.get(ready)  # its constructor's error, if it failed
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -196,6 +196,7 @@ class Pools:
                     log_file=f"{logs}/rollout-{i}.log",
                 ),
                 config.resources.rollout.num_actors,
+                self.groups["rollout"],
             )
             self.features = ActorPool(
                 "features",
@@ -203,6 +204,7 @@ class Pools:
                     config, inputs.feature_path, self.groups["features"], i, log_file=f"{logs}/features-{i}.log"
                 ),
                 config.resources.features.num_actors,
+                self.groups["features"],
             )
             self.learner = LearnerGroup(config, inputs.policy_path, self.groups["learner"], log_dir=logs)
             self.learner.connect_weight_receivers(list(self.rollout))
