@@ -157,6 +157,9 @@ class TrainingConfig(Section):
     """Documents (each with n rollouts per block) per optimizer step; paper: 16 x 4 samples."""
     steps: int = Field(100, ge=1)
     max_staleness: int = Field(0, ge=0)
+    max_restarts: int = Field(3, ge=0)
+    """Times a run restarts its learner from the last checkpoint (or the run's start) after a learner rank died;
+    one more death stops the run with the checkpoint to --resume from."""
     seed: int = 0
     output_dir: str = "runs/ebft"
 

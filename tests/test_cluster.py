@@ -111,31 +111,81 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once
     assert sorted(trained) == list(range(8)), trained
 
 
-def test_killed_rollout_actor_is_replaced_and_nothing_is_lost(local_ray, tiny_model_with_tokenizer, tmp_path):
-    import psutil
-
+@pytest.mark.parametrize("actor_class", ["RolloutWorker", "FeatureWorker"])
+def test_killed_rollout_or_feature_actor_is_replaced_and_nothing_is_lost(
+    local_ray, tiny_model_with_tokenizer, tmp_path, actor_class
+):
     config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 5})
-    metrics = tmp_path / "run" / "metrics.jsonl"
     killed = []
-
-    def kill_after_first_step():
-        deadline = time.time() + 600
-        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-            time.sleep(0.2)
-        # This test's own Ray cluster runs below this process; other runs on the machine are left alone.
-        for process in psutil.Process().children(recursive=True):
-            if " ".join(process.cmdline()).startswith("ray::RolloutWorker"):
-                os.kill(process.pid, signal.SIGKILL)  # as an OOM killer or a lost node would
-                killed.append(process.pid)
-
-    killer = threading.Thread(target=kill_after_first_step, daemon=True)
+    killer = threading.Thread(
+        target=kill_actor_processes, args=(actor_class, 1, tmp_path / "run" / "metrics.jsonl", killed)
+    )
     killer.start()
     summary = run(config)
     killer.join(timeout=5)
-    assert killed, "the rollout actor was never killed"
+    assert killed, f"the {actor_class} was never killed"
     assert summary.restarts >= 1
     assert summary.trained_chunks == summary.scheduled_chunks == 10
     assert sorted(summary.trained_chunk_ids) == list(range(10))
+
+
+def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list) -> None:
+    """SIGKILL this test's `ray::<class_name>` processes (as an OOM killer or a lost node would) once
+    `metrics` holds `after_rows` training rows; other runs on the machine are left alone."""
+    import psutil
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("train/policy_loss") >= after_rows:
+            break
+        time.sleep(0.2)
+    for process in psutil.Process().children(recursive=True):
+        if " ".join(process.cmdline()).startswith(f"ray::{class_name}"):
+            os.kill(process.pid, signal.SIGKILL)
+            killed.append(process.pid)
+
+
+def test_a_killed_learner_restarts_from_the_last_checkpoint(local_ray, tiny_model_with_tokenizer, tmp_path):
+    """The learner rank dies after the checkpoint at step 2: the run goes back to it, drops what was sampled
+    after it, trains its steps again and ends with the weights of a run that was never interrupted."""
+    training = {"steps": 5, "max_staleness": 0}
+    straight = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "straight", training=training))
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training=training, checkpoint={"every": 2})
+    killed = []
+    killer = threading.Thread(
+        target=kill_actor_processes, args=("LearnerRankActor", 3, tmp_path / "run" / "metrics.jsonl", killed)
+    )
+    killer.start()
+    summary = run(config)
+    killer.join(timeout=5)
+    assert killed, "the learner was never killed"
+    assert summary.restarts == 1 and summary.steps == 5
+    assert sorted(summary.trained_chunk_ids) == sorted(straight.trained_chunk_ids)
+    assert len(set(summary.trained_chunk_ids)) == summary.trained_chunks == 10
+    assert sorted(train_rows(summary.run_dir)) == list(range(5))
+    restarted, uninterrupted = final_weights(summary), final_weights(straight)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(restarted[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_learner_that_keeps_dying_stops_the_run_with_the_checkpoint_to_resume(
+    local_ray, tiny_model_with_tokenizer, tmp_path
+):
+    config = tiny_config(
+        tiny_model_with_tokenizer,
+        tmp_path / "run",
+        training={"steps": 5, "max_staleness": 0, "max_restarts": 0},
+        checkpoint={"every": 2},
+    )
+    killed = []
+    killer = threading.Thread(
+        target=kill_actor_processes, args=("LearnerRankActor", 3, tmp_path / "run" / "metrics.jsonl", killed)
+    )
+    killer.start()
+    with pytest.raises(RuntimeError, match=r"used its 0 restarts.*--resume` continues from .*step_00000002"):
+        run(config)
+    killer.join(timeout=5)
+    assert killed
 
 
 def test_threads_follow_the_resource_model(local_ray, tiny_model_with_tokenizer, tmp_path):

@@ -91,6 +91,7 @@ class RolloutWorker:
         self.plan = BlockPlan.from_config(config)
         self.model_path = resolve_model_path(str(model_path))
         self._version = 0
+        self._rewound_to: int | None = None
         max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
         self.llm = self._build_engine(
             enforce_eager=enforce_eager,
@@ -215,10 +216,15 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self._version
 
+    def rewind_weights(self, version: int) -> None:
+        """The learner restarted from a checkpoint at `version`: its next update may go back to it."""
+        self._rewound_to = version
+
     def _check_forward(self, version: int) -> None:
         # The same version again is allowed: after a rollout actor restarts, every actor gets the current weights.
-        if version < self._version:
+        if version < self._version and version != self._rewound_to:
             raise ValueError(f"weight update to version {version} goes back from {self._version}")
+        self._rewound_to = None
 
     def update_weights(self, update: WeightUpdate) -> int:
         """Object-store transport: load safetensors bytes into the running engine; returns the new version."""

@@ -10,6 +10,10 @@
         every eval.every steps: evaluate; every checkpoint.every steps: save
     evaluate and save the final weights
 
+A learner rank that dies sends the run back to its last checkpoint (or its start): a new learner group
+loads it, the rollout actors get its weights, everything sampled after it is dropped and its steps are
+trained again, up to training.max_restarts times.
+
 With training.method = sft the same loop trains cross-entropy on the same chunks: nothing is
 sampled or embedded, and weights reach the rollout actors only when an evaluation needs them.
 
@@ -21,11 +25,13 @@ by one feature worker, so shards pipeline through the pools without the controll
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,6 +39,8 @@ import ray
 from ebft.cluster.pools import ActorPool, is_actor_failure
 from ebft.config import Config
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +73,16 @@ class StepResult:
 
 
 @dataclass
+class RestorePoint:
+    """Where a restarted learner goes back to: a checkpoint (None: the base weights) and the run's state there."""
+
+    step: int
+    version: int
+    data_state: dict[str, Any]
+    checkpoint: Path | None
+
+
+@dataclass
 class Controller:
     config: Config
     rollout_pool: ActorPool
@@ -76,10 +94,18 @@ class Controller:
     on_step: Callable[[StepResult], None] = lambda result: None
     evaluate: Callable[[int], None] | None = None
     """Held-out evaluation of the current weights at a step (None: never)."""
-    save: Callable[[int, dict[str, Any]], None] | None = None
-    """Checkpoint of the current weights with the data position after that step (None: never)."""
-    trained_chunk_ids: list[int] = field(default_factory=list)
+    save: Callable[[int, dict[str, Any]], Path] | None = None
+    """Checkpoint of the current weights with the data position after that step (None: never); returns its path."""
+    restart_learner: Callable[[RestorePoint], Any] | None = None
+    """A new learner group at a restore point (None: a dead learner rank ends the run)."""
+    checkpoint: Path | None = None
+    """The checkpoint this run resumed from, if any."""
+    trained: dict[int, list[int]] = field(default_factory=dict)
+    """{step: the chunk ids it trained}."""
     restarts: int = 0
+    learner_restarts: int = 0
+    restore_point: RestorePoint | None = None
+    """The last checkpoint saved (or the run's start): where a learner restart goes back to."""
     stop_requested: bool = False
     """Set (e.g. on Ctrl-C) to stop once the step being trained is finished."""
     resume_state: dict[str, Any] | None = None
@@ -93,37 +119,47 @@ class Controller:
         last, started_at = self.config.training.steps, self.step
         if self.resume_state is None:
             self.resume_state = self.stream.state_dict()
+        self.restore_point = RestorePoint(self.step, self.version, self.resume_state, self.checkpoint)
         if self.step == 0 and self.config.eval.at_start:
             self.evaluate_now()
         in_flight: deque[ScheduledStep] = deque()
         next_step = self.step
         while self.step < last and not self.stop_requested:
-            if self.ebft:
-                self.sync_weights()  # resumed: the engines start from the base weights
-            while len(in_flight) <= self.config.training.max_staleness and next_step < last:
-                in_flight.append(self.schedule(next_step))  # generation starts now, features follow
-                next_step += 1
-            work = in_flight.popleft()
-            timings: dict[str, float] = {}
-            with timed(timings, "waiting"):
-                rollouts, features = self.collect(work)
-            with timed(timings, "train"):
+            try:
                 if self.ebft:
-                    metrics = self.learner.train_step(rollouts, features, self.version)
-                else:
-                    metrics = self.learner.sft_step([work.chunks], self.version)
-            self.version += 1
-            with timed(timings, "weight_sync"):
-                if self.ebft:
-                    self.sync_weights()
-            self.finish_step(work, rollouts, features, metrics, timings)
-            if self.due(self.config.eval.every) and self.step < last:
-                self.evaluate_now()
-            if self.due(self.config.checkpoint.every) and self.step < last:
-                self.save_now()
+                    self.sync_weights()  # resumed: the engines start from the base weights
+                while len(in_flight) <= self.config.training.max_staleness and next_step < last:
+                    in_flight.append(self.schedule(next_step))  # generation starts now, features follow
+                    next_step += 1
+                self.train(in_flight.popleft(), last)
+            except Exception as error:
+                if not self.learner_died(error):
+                    raise
+                self.restore(error)
+                in_flight.clear()  # sampled after the restore point
+                next_step = self.step
         if self.step == last and self.step > started_at:
             self.evaluate_now()
         if self.step > started_at:
+            self.save_now()
+
+    def train(self, work: ScheduledStep, last: int) -> None:
+        timings: dict[str, float] = {}
+        with timed(timings, "waiting"):
+            rollouts, features = self.collect(work)
+        with timed(timings, "train"):
+            if self.ebft:
+                metrics = self.learner.train_step(rollouts, features, self.version)
+            else:
+                metrics = self.learner.sft_step([work.chunks], self.version)
+        self.version += 1
+        with timed(timings, "weight_sync"):
+            if self.ebft:
+                self.sync_weights()
+        self.finish_step(work, rollouts, features, metrics, timings)
+        if self.due(self.config.eval.every) and self.step < last:
+            self.evaluate_now()
+        if self.due(self.config.checkpoint.every) and self.step < last:
             self.save_now()
 
     def finish_step(self, work, rollouts, features, metrics, timings) -> None:
@@ -132,7 +168,7 @@ class Controller:
             metrics["timing/generate"] = sum(r.elapsed_s for r in rollouts)
             metrics["timing/features"] = sum(f.elapsed_s for f in features)
             metrics["train/staleness_max"] = max(self.version - 1 - r.weight_version for r in rollouts)
-        self.trained_chunk_ids.extend(work.chunks.chunk_ids)
+        self.trained[work.step] = list(work.chunks.chunk_ids)
         self.step += 1
         self.resume_state = work.resume_state
         self.on_step(StepResult(work.step, metrics, rollouts, features, work.resume_state))
@@ -148,7 +184,48 @@ class Controller:
 
     def save_now(self) -> None:
         if self.save is not None:
-            self.save(self.step, self.resume_state)
+            path = self.save(self.step, self.resume_state)
+            self.restore_point = RestorePoint(self.step, self.version, self.resume_state, path)
+
+    @property
+    def trained_chunk_ids(self) -> list[int]:
+        return [chunk for step in sorted(self.trained) for chunk in self.trained[step]]
+
+    # ------------------------------------------------------------------ learner restarts
+
+    def learner_died(self, error: Exception) -> bool:
+        return self.restart_learner is not None and is_actor_failure(error) and not self.learner.alive()
+
+    def restore(self, error: Exception) -> None:
+        """Start a new learner group at the restore point and rewind the run to it."""
+        point, limit = self.restore_point, self.config.training.max_restarts
+        where = f"checkpoint {point.checkpoint}" if point.checkpoint else "the base weights"
+        if self.learner_restarts >= limit:
+            resume = f"`--resume` continues from {point.checkpoint}" if point.checkpoint else "no checkpoint was saved"
+            raise RuntimeError(
+                f"a learner rank died and the run has used its {limit} restarts (training.max_restarts); {resume}"
+            ) from error
+        self.learner_restarts += 1
+        self.restarts += 1
+        log.warning(
+            "a learner rank died (%s); restart %d of %d from %s at step %d",
+            type(error).__name__,
+            self.learner_restarts,
+            limit,
+            where,
+            point.step,
+        )
+        self.learner = self.restart_learner(point)
+        self.step, self.version, self.resume_state = point.step, point.version, point.data_state
+        self.stream.load_state_dict(point.data_state)
+        self.trained = {step: ids for step, ids in self.trained.items() if step < point.step}
+        self._push = None  # from the dead learner
+        try:
+            ray.get([actor.rewind_weights.remote(point.version) for actor in self.rollout_pool])
+        except Exception as rollout_error:  # a dead rollout actor is left to collect(), which replaces it
+            if not is_actor_failure(rollout_error):
+                raise
+        self._engine_version = -1  # the restored weights go out before anything is sampled
 
     # ------------------------------------------------------------------ stages
 

@@ -36,10 +36,8 @@ class Monitor:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         if resumed and self.metrics_path.exists():
-            self.history = [
-                r for r in map(json.loads, self.metrics_path.read_text().splitlines()) if r["step"] < start_step
-            ]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self.history = list(map(json.loads, self.metrics_path.read_text().splitlines()))
+            self.rewind(start_step)
         self.wandb = self._start_wandb(resumed)
         self.console = Console(stderr=True)
         self.progress = Progress(
@@ -86,6 +84,11 @@ class Monitor:
             self.wandb.log(record)
         shown = "  ".join(f"{name.split('/', 1)[1]}={record[name]:.4g}" for name in CONSOLE_METRICS if name in record)
         self.progress.update(self.task, completed=min(step + 1, self.config.training.steps), description=shown)
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged for `step` and later (they are trained again)."""
+        self.history = [r for r in self.history if r["step"] < step]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def status(self, text: str) -> None:
         """Say on the progress line what the run is doing between steps (e.g. evaluating)."""

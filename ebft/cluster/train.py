@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from ebft.cluster.controller import Controller, StepResult
+from ebft.cluster.controller import Controller, RestorePoint, StepResult
 from ebft.cluster.monitor import Monitor
 from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
@@ -129,6 +129,8 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
             on_step=recorder.on_step,
             evaluate=recorder.evaluate if recorder.evaluator.enabled else None,
             save=recorder.save,
+            restart_learner=recorder.restart_learner,
+            checkpoint=inputs.checkpoint,
         )
         try:
             with stop_on_interrupt(controller):
@@ -174,8 +176,8 @@ class Pools:
     def __init__(self, config: Config, inputs: RunInputs):
         from ebft.actors.pool import create_rollout_actor
         from ebft.features.pool import create_feature_worker
-        from ebft.learner.group import LearnerGroup
 
+        self.config, self.inputs = config, inputs
         self.groups = create_placement_groups(config)
         self.rollout = self.features = self.learner = None
         logs = (inputs.run_dir / "logs").resolve()  # every actor's own output; the console shows the run's
@@ -206,15 +208,26 @@ class Pools:
                 config.resources.features.num_actors,
                 self.groups["features"],
             )
-            self.learner = LearnerGroup(config, inputs.policy_path, self.groups["learner"], log_dir=logs)
-            self.learner.connect_weight_receivers(list(self.rollout))
+            extra = self.start_learner(inputs.checkpoint)
             if inputs.checkpoint:
-                extra = self.learner.load_checkpoint(inputs.checkpoint)
                 inputs.stream.load_state_dict(extra["data_state"])
                 log.info("resumed from %s at step %d", inputs.checkpoint, inputs.start["step"])
         except BaseException:
             self.shutdown()
             raise
+
+    def start_learner(self, checkpoint: Path | None) -> dict[str, Any]:
+        """A learner group connected to the rollout actors, at `checkpoint` (None: the base weights); a previous
+        group (one of whose ranks died) is stopped first. Returns the checkpoint's extra state ({} if none)."""
+        from ebft.learner.group import LearnerGroup
+
+        if self.learner is not None:
+            self.learner.shutdown()
+            self.learner = None
+        logs = (self.inputs.run_dir / "logs").resolve()
+        self.learner = LearnerGroup(self.config, self.inputs.policy_path, self.groups["learner"], log_dir=logs)
+        self.learner.connect_weight_receivers(list(self.rollout))
+        return self.learner.load_checkpoint(checkpoint) if checkpoint else {}
 
     def shutdown(self) -> None:
         for pool in (self.learner, self.rollout, self.features):
@@ -270,12 +283,20 @@ class RunRecorder:
         self.evaluations.append(evaluation)
         self.monitor.log(step, evaluation.metrics)
 
-    def save(self, step: int, resume_state: dict[str, Any]) -> None:
+    def save(self, step: int, resume_state: dict[str, Any]) -> Path:
         from ebft.learner.checkpoint import checkpoint_path
 
         path = checkpoint_path(self.inputs.run_dir / "checkpoints", step)
         self.pools.learner.save_checkpoint(path, {"data_state": resume_state})
         self.saved.append(path)
+        return path
+
+    def restart_learner(self, point: RestorePoint):
+        """A new learner group at the restore point; what the run recorded after it is forgotten."""
+        self.pools.start_learner(point.checkpoint)
+        self.monitor.rewind(point.step)
+        self.evaluations = [e for e in self.evaluations if e.step < point.step]
+        return self.pools.learner
 
     def close(self) -> None:
         self.monitor.close()

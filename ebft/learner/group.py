@@ -175,7 +175,7 @@ class LearnerGroup:
         from ebft.learner.batches import shard_batches
 
         shards = shard_batches(rollouts, features, self.world_size)
-        metrics = ray.get(
+        metrics = gather(
             [actor.train_step.remote(r, f, current_version) for actor, (r, f) in zip(self.actors, shards)]
         )[0]
         self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
@@ -194,7 +194,7 @@ class LearnerGroup:
             ]
             for r in range(self.world_size)
         ]
-        metrics = ray.get([actor.sft_step.remote(s, current_version) for actor, s in zip(self.actors, shards)])[0]
+        metrics = gather([actor.sft_step.remote(s, current_version) for actor, s in zip(self.actors, shards)])[0]
         self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
         return metrics
 
@@ -205,21 +205,33 @@ class LearnerGroup:
     def push_weights(self) -> WeightPush:
         """Send the current weights to the connected rollout actors; returns once they are on their way
         (`.confirm()` waits until every actor applied them)."""
-        version, acknowledgments = ray.get([actor.push_weights.remote() for actor in self.actors])[0]
+        version, acknowledgments = gather([actor.push_weights.remote() for actor in self.actors])[0]
         return WeightPush(version, acknowledgments)
 
     def document_ce(self, tokens) -> torch.Tensor:
         """Teacher-forced token-mean NLL [docs] of chunks [docs, T] under the current policy."""
-        return ray.get([actor.document_ce.remote(tokens) for actor in self.actors])[0]
+        return gather([actor.document_ce.remote(tokens) for actor in self.actors])[0]
 
     def save_checkpoint(self, path: str | os.PathLike, extra_state: dict[str, Any] | None = None) -> str:
-        return ray.get([actor.save_checkpoint.remote(str(path), extra_state or {}) for actor in self.actors])[0]
+        return gather([actor.save_checkpoint.remote(str(path), extra_state or {}) for actor in self.actors])[0]
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         extra = ray.get([actor.load_checkpoint.remote(str(path)) for actor in self.actors])[0]
         state = ray.get(self.actors[0].state.remote())
         self.weight_version, self.step = state["weight_version"], state["step"]
         return extra
+
+    def alive(self) -> bool:
+        """False if any rank's process is gone."""
+        from ebft.cluster.pools import is_actor_failure
+
+        try:
+            ray.get([actor.node_id.remote() for actor in self.actors])
+            return True
+        except Exception as error:
+            if not is_actor_failure(error):
+                raise
+            return False
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -231,3 +243,13 @@ class LearnerGroup:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def gather(refs: list) -> list:
+    """ray.get of every rank's result, raising as soon as one rank fails: the others may be waiting for it
+    in a collective that never completes."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
