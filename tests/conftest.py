@@ -30,6 +30,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The two-node tests first. Measured: after this process ran a local Ray session (`local_ray`), the first
+    actors it creates on the loopback cluster are cancelled before they start ("all references to the actor
+    were removed"); in a fresh process, or with local sessions after the cluster's, every test passes. The
+    cause inside Ray was not found (see the notes of the session that added tests/test_multinode.py)."""
+    items.sort(key=lambda item: item.path.name != "test_multinode.py")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray runtime with the job environment `ebft train` uses, for one test module."""

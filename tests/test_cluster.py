@@ -69,9 +69,19 @@ def test_pipeline_end_to_end(local_ray, tiny_model_with_tokenizer, tmp_path):
     assert not torch.equal(trained.model.embed_tokens.weight, base.model.embed_tokens.weight)
 
 
-def test_resume_with_max_staleness_0_reproduces_the_straight_run(local_ray, tiny_model_with_tokenizer, tmp_path):
-    synchronous = {"max_staleness": 0, "steps": 4}
-    straight = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "straight", training=synchronous))
+SYNCHRONOUS = {"max_staleness": 0, "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def straight_synchronous_run(local_ray, tiny_model_with_tokenizer, tmp_path_factory):
+    """An uninterrupted max_staleness 0 run: what a resumed or restarted one must reproduce."""
+    return run(tiny_config(tiny_model_with_tokenizer, tmp_path_factory.mktemp("straight"), training=SYNCHRONOUS))
+
+
+def test_resume_with_max_staleness_0_reproduces_the_straight_run(
+    local_ray, tiny_model_with_tokenizer, tmp_path, straight_synchronous_run
+):
+    synchronous, straight = SYNCHRONOUS, straight_synchronous_run
     first_half = tiny_config(tiny_model_with_tokenizer, tmp_path / "halves", training={**synchronous, "steps": 2})
     run(first_half)
     resumed = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "halves", training=synchronous), resume=True)
@@ -145,12 +155,13 @@ def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list
             killed.append(process.pid)
 
 
-def test_a_killed_learner_restarts_from_the_last_checkpoint(local_ray, tiny_model_with_tokenizer, tmp_path):
+def test_a_killed_learner_restarts_from_the_last_checkpoint(
+    local_ray, tiny_model_with_tokenizer, tmp_path, straight_synchronous_run
+):
     """The learner rank dies after the checkpoint at step 2: the run goes back to it, drops what was sampled
     after it, trains its steps again and ends with the weights of a run that was never interrupted."""
-    training = {"steps": 5, "max_staleness": 0}
-    straight = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "straight", training=training))
-    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training=training, checkpoint={"every": 2})
+    straight = straight_synchronous_run
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training=SYNCHRONOUS, checkpoint={"every": 2})
     killed = []
     killer = threading.Thread(
         target=kill_actor_processes, args=("LearnerRankActor", 3, tmp_path / "run" / "metrics.jsonl", killed)
@@ -159,10 +170,10 @@ def test_a_killed_learner_restarts_from_the_last_checkpoint(local_ray, tiny_mode
     summary = run(config)
     killer.join(timeout=5)
     assert killed, "the learner was never killed"
-    assert summary.restarts == 1 and summary.steps == 5
-    assert sorted(summary.trained_chunk_ids) == sorted(straight.trained_chunk_ids)
-    assert len(set(summary.trained_chunk_ids)) == summary.trained_chunks == 10
-    assert sorted(train_rows(summary.run_dir)) == list(range(5))
+    assert summary.restarts == 1 and summary.steps == 4
+    assert summary.trained_chunk_ids == straight.trained_chunk_ids
+    assert len(set(summary.trained_chunk_ids)) == summary.trained_chunks == 8
+    assert sorted(train_rows(summary.run_dir)) == list(range(4))
     restarted, uninterrupted = final_weights(summary), final_weights(straight)
     for name, value in uninterrupted.items():
         torch.testing.assert_close(restarted[name], value, atol=1e-6, rtol=1e-5, msg=name)

@@ -116,7 +116,7 @@ class Controller:
     """The weight version last pushed to the rollout actors."""
 
     def run(self) -> None:
-        last, started_at = self.config.training.steps, self.step
+        last = self.config.training.steps
         if self.resume_state is None:
             self.resume_state = self.stream.state_dict()
         self.restore_point = RestorePoint(self.step, self.version, self.resume_state, self.checkpoint)
@@ -138,10 +138,6 @@ class Controller:
                 self.restore(error)
                 in_flight.clear()  # sampled after the restore point
                 next_step = self.step
-        if self.step == last and self.step > started_at:
-            self.evaluate_now()
-        if self.step > started_at:
-            self.save_now()
 
     def train(self, work: ScheduledStep, last: int) -> None:
         timings: dict[str, float] = {}
@@ -157,9 +153,9 @@ class Controller:
             if self.ebft:
                 self.sync_weights()
         self.finish_step(work, rollouts, features, metrics, timings)
-        if self.due(self.config.eval.every) and self.step < last:
+        if self.step == last or self.due(self.config.eval.every):
             self.evaluate_now()
-        if self.due(self.config.checkpoint.every) and self.step < last:
+        if self.step == last or self.due(self.config.checkpoint.every) or self.stop_requested:
             self.save_now()
 
     def finish_step(self, work, rollouts, features, metrics, timings) -> None:

@@ -61,13 +61,13 @@ class ActorPool:
             self.actors[index] = self.create(index)
             try:
                 self.wait_until_started(index)
-                return True
-            except Exception as error:
+                break
+            except Exception as start_error:
                 # e.g. placed on a node that was already going but not yet declared dead
-                if not is_actor_failure(error) or attempt == START_ATTEMPTS:
+                if not is_actor_failure(start_error) or attempt == START_ATTEMPTS:
                     raise
-                log.warning("%s actor %d died while starting (%s); starting another", self.name, index, error)
-        raise AssertionError("unreachable")
+                log.warning("%s actor %d died while starting (%s); starting another", self.name, index, start_error)
+        return True
 
     def wait_until_started(self, index: int) -> None:
         """Block until actor `index` runs; while its placement group has no node, say what it waits for."""
