@@ -180,7 +180,7 @@ class Pools:
         self.config, self.inputs = config, inputs
         self.groups = create_placement_groups(config)
         self.rollout = self.features = self.learner = None
-        logs = (inputs.run_dir / "logs").resolve()  # every actor's own output; the console shows the run's
+        self.logs = logs = (inputs.run_dir / "logs").resolve()  # every actor's own output; the console shows the run's
         log.info("actor logs: %s", logs)
         # HumanEval prompts and completions are longer than a training chunk.
         max_model_len = config.data.chunk_length + config.sampling.block_length
@@ -224,8 +224,7 @@ class Pools:
         if self.learner is not None:
             self.learner.shutdown()
             self.learner = None
-        logs = (self.inputs.run_dir / "logs").resolve()
-        self.learner = LearnerGroup(self.config, self.inputs.policy_path, self.groups["learner"], log_dir=logs)
+        self.learner = LearnerGroup(self.config, self.inputs.policy_path, self.groups["learner"], log_dir=self.logs)
         self.learner.connect_weight_receivers(list(self.rollout))
         return self.learner.load_checkpoint(checkpoint) if checkpoint else {}
 

@@ -216,7 +216,7 @@ class LearnerGroup:
         return gather([actor.save_checkpoint.remote(str(path), extra_state or {}) for actor in self.actors])[0]
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        extra = ray.get([actor.load_checkpoint.remote(str(path)) for actor in self.actors])[0]
+        extra = gather([actor.load_checkpoint.remote(str(path)) for actor in self.actors])[0]
         state = ray.get(self.actors[0].state.remote())
         self.weight_version, self.step = state["weight_version"], state["step"]
         return extra
