@@ -6,7 +6,7 @@ real rollouts of Python stdlib text sampled by the first rollout actor (random f
 for the feature network, which the learner's step does not depend on for its cost).
 
 A push is `LearnerGroup.push_weights().confirm()` timed from the driver, as a training step runs it:
-rank 0 gathers its weights, serializes them to safetensors bytes, puts them once in the object store,
+rank 0 gathers its weights, puts their bytes once in the object store,
 and every actor loads them into its running engine and reports the new version. Step time is `LearnerGroup.train_step`
 timed from the driver. Every push carries a new weight version, so pushes follow steps:
 
@@ -152,7 +152,7 @@ def main() -> None:
     print(f"push to 1 rollout actor: {sync_one:.2f} s  (ratio {sync_one / step_s:.3f})")
     print(f"push to 2 rollout actors: {sync_two:.2f} s  (ratio {sync_two / step_s:.3f})")
     returns_s = min(returned[1:])
-    print(f"push returns to the controller after (gather + safetensors + object store): {returns_s:.2f} s")
+    print(f"push returns to the controller after (gather + object store put): {returns_s:.2f} s")
     emit(
         {
             "benchmark": "weight_sync",

@@ -7,8 +7,11 @@ length, T = chunk length, D = feature dimension.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -53,7 +56,34 @@ class FeatureBatch:
 
 @dataclass
 class WeightUpdate:
-    """New policy weights for the rollout actors, as safetensors bytes (CPU / object-store transport)."""
+    """New policy weights for the rollout actors (CPU / object-store transport).
+
+    Each tensor travels as its raw bytes in a numpy array: Ray copies numpy buffers into the object store
+    once when the update is put and hands them to every reader without a copy, where serialising to one
+    safetensors blob would copy the weights twice more on each side.
+    """
 
     version: int
-    safetensors: bytes
+    raw: dict[str, np.ndarray]
+    """HF name -> the tensor's bytes (uint8, C order)."""
+    layouts: dict[str, tuple[str, tuple[int, ...]]]
+    """HF name -> (torch dtype name, shape)."""
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], version: int) -> WeightUpdate:
+        """Zero-copy views of CPU tensors (the caller keeps them unchanged until the update is put)."""
+        raw, layouts = {}, {}
+        for name, tensor in state_dict.items():
+            tensor = tensor.detach().to("cpu").contiguous()
+            raw[name] = tensor.reshape(-1).view(torch.uint8).numpy()
+            layouts[name] = (str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+        return cls(version, raw, layouts)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weights as tensors viewing the received buffers, which are read-only: copy before changing them."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return {
+                name: torch.from_numpy(self.raw[name]).view(getattr(torch, dtype)).view(shape)
+                for name, (dtype, shape) in self.layouts.items()
+            }

@@ -85,10 +85,8 @@ def tiny_run_config(model_dir, output_dir, **sections) -> dict:
 
 
 def weights_of(update: WeightUpdate) -> dict[str, torch.Tensor]:
-    """The tensors a weight update carries."""
-    from safetensors.torch import load
-
-    return load(update.safetensors)
+    """The tensors a weight update carries (writable copies)."""
+    return {name: tensor.clone() for name, tensor in update.tensors().items()}
 
 
 def exported(learner) -> WeightUpdate:

@@ -7,7 +7,6 @@ the loss of section 5, and steps a torch AdamW with clipping and the warmup sche
 
 from __future__ import annotations
 
-import safetensors.torch
 import torch
 from helpers import exported, weights_of
 from transformers import AutoModelForCausalLM
@@ -151,11 +150,10 @@ def reference_loss(model, batches, config, current_version, reference_policy=Non
     return loss, policy_loss, ce_loss
 
 
-def float64_model(model_dir, weights: bytes | dict[str, torch.Tensor] | None = None):
+def float64_model(model_dir, weights: dict[str, torch.Tensor] | None = None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
     if weights is not None:
-        loaded = safetensors.torch.load(weights) if isinstance(weights, bytes) else weights
-        state = {k: v.double() for k, v in loaded.items()}
+        state = {k: v.double() for k, v in weights.items()}
         model.load_state_dict(state, strict=False)  # tied/untied: lm_head may be absent
     return model
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import safetensors.torch
 import torch
-from helpers import exported, make_tiny_llama, pushed_weights
+from helpers import exported, make_tiny_llama, pushed_weights, weights_of
 from learner_reference import (
     N_SAMPLES,
     assert_gradients_match,
@@ -98,7 +97,7 @@ def test_stale_rollouts_kl_and_whitening_match_reference(tiny_model_dir, stage):
     warm = make_batch(4, seed=10, version=0)
     learner.train_step([warm[0]], [warm[1]], current_version=0)
     gradients = capture_gradients(learner)
-    model = float64_model(tiny_model_dir, exported(learner).safetensors)
+    model = float64_model(tiny_model_dir, weights_of(exported(learner)))
     initial = float64_model(tiny_model_dir)
 
     fresh = make_batch(2, seed=11, version=1, first_chunk=100)
@@ -178,7 +177,7 @@ def test_training_loss_falls_in_bf16_zero2_with_checkpointing(tiny_model_dir):
         for m in history
     )
     update = exported(learner)
-    tensors = safetensors.torch.load(update.safetensors)
+    tensors = weights_of(update)
     assert update.version == 6 and tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     learner.close()
 
@@ -200,7 +199,7 @@ def test_checkpoint_is_atomic_keeps_last_k_and_resumes_exactly(tiny_model_dir, t
     assert ckpt.latest_checkpoint(tmp_path) == ckpt.checkpoint_path(tmp_path, 3)
 
     # The HF folder reloads into transformers with the learner's exact weights and logits.
-    final = safetensors.torch.load(exported(learner).safetensors)
+    final = weights_of(exported(learner))
     reloaded = AutoModelForCausalLM.from_pretrained(
         ckpt.latest_checkpoint(tmp_path), dtype=torch.bfloat16, attn_implementation="sdpa"
     )
@@ -222,7 +221,7 @@ def test_checkpoint_is_atomic_keeps_last_k_and_resumes_exactly(tiny_model_dir, t
     extra = resumed.load_checkpoint(ckpt.checkpoint_path(tmp_path, 2))
     assert extra == {"data_position": 8} and (resumed.step, resumed.weight_version) == (2, 2)
     resumed.train_step([batches[2][0]], [batches[2][1]], current_version=2)
-    replayed = safetensors.torch.load(exported(resumed).safetensors)
+    replayed = weights_of(exported(resumed))
     assert all(torch.equal(replayed[name], final[name]) for name in final)
     learner.close()
     resumed.close()
@@ -239,7 +238,7 @@ def test_world_size_two_gives_the_update_of_world_size_one(tiny_model_dir, ray_c
 
     single = LearnerRank(config.model_copy(update={"resources": make_config().resources}), tiny_model_dir)
     expected = single.train_step(rollouts, features, current_version=0)
-    expected_weights = safetensors.torch.load(exported(single).safetensors)
+    expected_weights = weights_of(exported(single))
 
     with LearnerGroup(config, tiny_model_dir) as group:
         metrics = group.train_step(rollouts, features, current_version=0)
@@ -276,7 +275,7 @@ def test_checkpoint_and_weight_updates_load_into_a_rollout_worker(vllm_tiny_tied
 
         def learner_logprobs(rollouts: RolloutBatch) -> torch.Tensor:
             with torch.no_grad():
-                model = float64_model(vllm_tiny_tied_model_dir, exported(learner).safetensors)
+                model = float64_model(vllm_tiny_tied_model_dir, weights_of(exported(learner)))
                 return torch.stack(
                     [
                         torch.stack(

@@ -227,7 +227,7 @@ class RolloutWorker:
         self._rewound_to = None
 
     def update_weights(self, update: WeightUpdate) -> int:
-        """Object-store transport: load safetensors bytes into the running engine; returns the new version."""
+        """Object-store transport: load the pushed weights into the running engine; returns the new version."""
         self._check_forward(update.version)
         load_update_into_engine(self.llm, update)
         self._version = update.version

@@ -2,7 +2,7 @@
 
 Two transports (the learner side is ebft/learner/weight_sender.py; `Config.weight_transport` picks one):
 
-- object store: the learner puts one `WeightUpdate` (safetensors bytes) in the Ray object store and
+- object store: the learner puts one `WeightUpdate` (each tensor's bytes) in the Ray object store and
   every rollout actor loads it inside its vLLM worker through `WeightReceiverExtension` (the worker's
   own reload path, then the CPU tied-embedding fix) with `load_update_into_engine`;
 - NCCL (GPUs): vLLM's native weight transfer; `receive_weight_broadcast` takes part in the learner's
@@ -25,15 +25,13 @@ WORKER_EXTENSION = f"{__name__}.WeightReceiverExtension"
 class WeightReceiverExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine's worker.
 
-    `collective_rpc` msgpack-encodes its arguments when the engine runs in another process, so the
-    weights travel as safetensors bytes, never as tensors.
+    `collective_rpc` hands its arguments over as they are to an engine in this process, and msgpack-encodes
+    them (numpy arrays as buffers) for one in another process, so the update travels as its numpy parts.
     """
 
-    def ebft_load_safetensors(self, blob: bytes) -> int:
+    def ebft_load_weights(self, version: int, raw: dict, layouts: dict) -> int:
         """Load HF-named weights into the running model in place; returns how many tensors were loaded."""
-        from safetensors.torch import load
-
-        weights = load(blob if isinstance(blob, bytes) else bytes(blob))
+        weights = WeightUpdate(version, raw, layouts).tensors()
         # A second model.load_weights() breaks on CPU (linear weights are repacked after loading);
         # the worker's reload path re-runs that post-load processing.
         tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
@@ -87,7 +85,7 @@ def _quiet_expected_reload_warnings(tied: bool):
 def load_update_into_engine(llm, update: WeightUpdate) -> None:
     """Object store: paused, loaded, cache cleared, resumed."""
     with paused_engine(llm):
-        llm.collective_rpc("ebft_load_safetensors", args=(update.safetensors,))
+        llm.collective_rpc("ebft_load_weights", args=(update.version, update.raw, update.layouts))
         llm.llm_engine.set_weight_version(str(update.version))
         clear_prefix_cache(llm)
 

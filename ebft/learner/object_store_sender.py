@@ -1,4 +1,4 @@
-"""Object-store transport: the weights as safetensors bytes, put once in the Ray object store; every
+"""Object-store transport: the weights' bytes, put once in the Ray object store; every
 rollout actor loads the same object (ebft/actors/weight_receiver.py `load_update_into_engine`).
 
 A Ray actor runs one call at a time, so an actor busy generating loads the update when that batch is

@@ -1,7 +1,7 @@
 """The learner side of a weight push: one interface, one file per transport.
 
 `make_weight_sender` picks the run's transport once (`Config.weight_transport`):
-object_store_sender.py (safetensors bytes in the Ray object store; CPU or any cluster) or
+object_store_sender.py (the weights' bytes in the Ray object store; CPU or any cluster) or
 nccl_sender.py (vLLM's native NCCL broadcast; GPUs). The rollout side is ebft/actors/weight_receiver.py.
 
 A push returns at once with one acknowledgment per rollout actor; `WeightPush.confirm` waits for them
@@ -44,23 +44,19 @@ class WeightPush:
 
 
 def state_dict_to_update(state_dict: Mapping[str, torch.Tensor], version: int) -> WeightUpdate:
-    """Serialize HF-named weights into a `WeightUpdate` (safetensors bytes, dtypes kept).
+    """HF-named weights as a `WeightUpdate` (dtypes kept).
 
     Tensors that share storage (tied input/output embeddings) are sent once, under the first name:
-    safetensors refuses aliases, and vLLM's tied models load the embedding and ignore `lm_head`.
+    vLLM's tied models load the embedding and ignore `lm_head`.
     """
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     for name, tensor in state_dict.items():
-        tensor = tensor.detach()
         alias_key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if alias_key in seen:
-            continue
-        seen.add(alias_key)
-        tensors[name] = tensor.to("cpu").contiguous()
-    return WeightUpdate(version=version, safetensors=save(tensors))
+        if alias_key not in seen:
+            seen.add(alias_key)
+            tensors[name] = tensor
+    return WeightUpdate.from_state_dict(tensors, version)
 
 
 class WeightSender(ABC):
