@@ -45,6 +45,7 @@ compare: $(STAMP)
 bench: $(STAMP)
 	cd benchmarks && for b in rewards rollout features learner learner_floor attention weight_sync pipeline; do \
 		test -f $$b.py && ../$(BIN)/python $$b.py | tail -1; done
+	cd benchmarks && ../$(BIN)/python attention.py --network features | tail -1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -70,6 +70,9 @@ class FeaturesConfig(Section):
     pooling: Literal["last", "mean"] = "last"
     token_budget: int = Field(16384, gt=0)
     """Packed tokens per feature forward (micro-batching)."""
+    attention: Literal["dense", "blocks"] = "blocks"
+    """How rollout rows attend to the cached document: `dense` under the packed mask, `blocks` only within each
+    block's group (ebft/packed_attention.py); same features."""
 
     @field_validator("layer_fractions")
     @classmethod
@@ -135,7 +138,7 @@ class RolloutConfig(Section):
     """KV-cache bound of each vLLM engine (always set: an unbounded CPU engine takes ~10 GB)."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     weight_transport: Literal["auto", "object_store", "nccl"] = "auto"
-    """`auto`: NCCL when the pools have GPUs, else safetensors bytes through the Ray object store."""
+    """`auto`: NCCL when the pools have GPUs, else the weights' bytes through the Ray object store."""
 
 
 class LearnerConfig(Section):
@@ -146,7 +149,7 @@ class LearnerConfig(Section):
     offload_optimizer: bool = False
     attention: Literal["dense", "blocks"] = "blocks"
     """How a packed row attends: `dense` scores all S^2 pairs under the packed mask; `blocks` scores only the
-    document's causal part and each block's group (ebft/learner/packed_attention.py); same log-probs."""
+    document's causal part and each block's group (ebft/packed_attention.py); same log-probs."""
 
 
 class TrainingConfig(Section):

@@ -13,6 +13,9 @@ are still scored (masked): keeping every group the same length is what lets one 
 all, and K > 1 copies the document's keys once per group of K blocks rather than once per block.
 Gradients come from autograd.
 
+The same call serves the feature network's rollout rows (ebft/features/extractor.py), which hold only the
+generated part and find the document's keys and values in the KV cache: there only the second part runs.
+
 Registered with transformers as attention implementation `ebft_blocks`; the model's forward takes the
 row's `BlockPlan` as the keyword `block_plan` (with position_ids, and no attention mask). Forwards
 without one (plain chunks) get transformers' causal SDPA.
@@ -56,22 +59,21 @@ def _group_mask(plan: BlockPlan, device: torch.device) -> torch.Tensor:
 
 
 def _to_groups(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
-    """Generated part [B, H, n*G*NB, d] (index j*NB*G + t*NB + k) -> [B*M, H, K*n*G, d], groups of K blocks
+    """Generated part [B, H, n*G*NB, d] (index j*NB*G + t*NB + k) -> [B, M, H, K*n*G, d], groups of K blocks
     (the last padded with zeros)."""
     B, H, _, d = x.shape
     n, G, NB, K = plan.samples, plan.block_length, plan.num_blocks, blocks_per_group(plan)
     M = -(-NB // K)
     x = F.pad(x.view(B, H, n, G, NB, d), (0, 0, 0, M * K - NB))
-    return x.view(B, H, n, G, M, K, d).permute(0, 4, 1, 5, 2, 3, 6).reshape(B * M, H, K * n * G, d)
+    return x.view(B, H, n, G, M, K, d).permute(0, 4, 1, 5, 2, 3, 6).reshape(B, M, H, K * n * G, d)
 
 
-def _from_groups(x: torch.Tensor, plan: BlockPlan, batch: int) -> torch.Tensor:
+def _from_groups(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """Inverse of `_to_groups` (padding dropped)."""
-    _, H, _, d = x.shape
+    B, M, H, _, d = x.shape
     n, G, NB, K = plan.samples, plan.block_length, plan.num_blocks, blocks_per_group(plan)
-    M = -(-NB // K)
-    x = x.view(batch, M, H, K, n, G, d).permute(0, 2, 4, 5, 1, 3, 6).reshape(batch, H, n, G, M * K, d)
-    return x[:, :, :, :, :NB].reshape(batch, H, n * G * NB, d)
+    x = x.view(B, M, H, K, n, G, d).permute(0, 2, 4, 5, 1, 3, 6).reshape(B, H, n, G, M * K, d)
+    return x[:, :, :, :, :NB].reshape(B, H, n * G * NB, d)
 
 
 def packed_block_attention(
@@ -86,7 +88,8 @@ def packed_block_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: query [B, H, S, d], key/value [B, H_kv, S, d] -> ([B, S, H, d], None).
-    Without a block_plan (plain chunks: an SFT step, held-out CE) it is transformers' causal SDPA."""
+    A query of the generated part alone (the document's keys and values came from the cache) gets that part's
+    output. Without a block_plan (plain chunks: an SFT step, held-out CE) it is transformers' causal SDPA."""
     if block_plan is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -96,31 +99,37 @@ def packed_block_attention(
     if attention_mask is not None:
         raise ValueError(f"attention {IMPLEMENTATION!r} takes the packed row's BlockPlan, not an attention mask")
     plan, T, B = block_plan, block_plan.chunk_length, query.shape[0]
-    if query.shape[2] != plan.packed_length:
-        raise ValueError(f"a packed row of this plan has {plan.packed_length} tokens, got {query.shape[2]}")
+    if key.shape[2] != plan.packed_length or query.shape[2] not in (plan.packed_length, plan.packed_length - T):
+        raise ValueError(
+            f"a packed row of this plan has {plan.packed_length} keys and as many queries (or {plan.packed_length - T}"
+            f" with the document cached), got {key.shape[2]} keys and {query.shape[2]} queries"
+        )
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     dropout = dropout if module.training else 0.0
-    doc = F.scaled_dot_product_attention(
-        query[:, :, :T], key[:, :, :T], value[:, :, :T], is_causal=True, scale=scaling, dropout_p=dropout
-    )
 
     def with_doc(x: torch.Tensor) -> torch.Tensor:  # [B*M, H, T + K*n*G, d]: the document's keys, then the group's
         group = _to_groups(x[:, :, T:], plan)
-        document = x[:, :, :T].repeat_interleave(group.shape[0] // B, dim=0)
-        return torch.cat([document, group], dim=2)
+        document = x[:, None, :, :T].expand(-1, group.shape[1], -1, -1, -1)
+        return torch.cat([document, group], dim=3).flatten(0, 1)
 
-    mask = _group_mask(plan, query.device).repeat(B, 1, 1, 1)
+    queries = _to_groups(query[:, :, query.shape[2] - (plan.packed_length - T) :], plan)
+    mask = _group_mask(plan, query.device)
     generated = F.scaled_dot_product_attention(
-        _to_groups(query[:, :, T:], plan),
+        queries.flatten(0, 1),
         with_doc(key),
         with_doc(value),
-        attn_mask=mask,
+        attn_mask=mask.expand(B, *mask.shape).flatten(0, 1),  # a view when B = 1
         scale=scaling,
         dropout_p=dropout,
     )
-    output = torch.cat([doc, _from_groups(generated, plan, B)], dim=2)
+    output = _from_groups(generated.view(queries.shape), plan)
+    if query.shape[2] == plan.packed_length:
+        doc = F.scaled_dot_product_attention(
+            query[:, :, :T], key[:, :, :T], value[:, :, :T], is_causal=True, scale=scaling, dropout_p=dropout
+        )
+        output = torch.cat([doc, output], dim=2)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -87,11 +87,15 @@ def test_token_features_and_pooling_match_a_per_token_loop():
         ("last", "[0.0, 1.0]", 100),  # embeddings and the pre-norm output of the last layer
     ],
 )
+@pytest.mark.parametrize("attention", ["blocks", "dense"])
 def test_rollout_features_equal_separate_forwards_of_prefix_plus_rollout(
-    tiny_model_dir, pooling, fractions, token_budget
+    tiny_model_dir, pooling, fractions, token_budget, attention
 ):
     config = make_config(
-        f"features.pooling={pooling}", f"features.layer_fractions={fractions}", f"features.token_budget={token_budget}"
+        f"features.pooling={pooling}",
+        f"features.layer_fractions={fractions}",
+        f"features.token_budget={token_budget}",
+        f"features.attention={attention}",
     )
     extractor = FeatureExtractor(tiny_model_dir, config, device="cpu")
     batch = make_batch(num_docs=2, chunk_ids=[7, 3])

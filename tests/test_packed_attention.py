@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from ebft import packed_attention
 from ebft.layout import BlockPlan
-from ebft.learner import packed_attention
 from ebft.learner.loss import document_ce, generated_logprobs
 
 

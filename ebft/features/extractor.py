@@ -4,8 +4,8 @@ Per micro-batch of documents:
 1. one causal forward over the documents [docs, T] gives every block's ground-truth feature (window
    doc[C + k*s : C + k*s + G]) and the documents' key/value cache;
 2. one row per (document, sample) holding only the generated part of the packed layout (NB*G tokens,
-   step-major, see `ebft.layout`), rows batched per forward, attends to that cache with the packed mask's
-   generated rows.
+   step-major, see `ebft.layout`), rows batched per forward, attends to that cache as the packed layout
+   allows (`features.attention`: block-sparse, ebft/packed_attention.py, or the dense packed mask).
 That is the packed forward [doc] + [generated] with the document part computed once per document
 instead of n times: document tokens attend only to document tokens, so their states are the same in all
 n packed sequences and in the ground-truth forward.
@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModel, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from ebft import packed_attention
 from ebft.config import Config
 from ebft.features.pooling import feature_layer_indices, pool_blocks, token_features
 from ebft.layout import BlockPlan
@@ -41,7 +42,11 @@ def _quiet_transformers():
 
 
 def load_truncated_model(
-    model_path: str | os.PathLike, depth: int, dtype: torch.dtype, trust_remote_code: bool = False
+    model_path: str | os.PathLike,
+    depth: int,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
 ):
     """The base model (no LM head) with only its first `depth` decoder layers, frozen, in eval mode."""
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -53,8 +58,8 @@ def load_truncated_model(
             model_path,
             config=model_config,
             dtype=dtype,
-            # The packed layout needs an arbitrary 4-D additive mask: flash attention cannot take one.
-            attn_implementation="sdpa",
+            # The packed layout needs the plan's block attention or an arbitrary 4-D mask: not flash attention.
+            attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
         )
@@ -85,14 +90,23 @@ class FeatureExtractor:
         self.layers = feature_layer_indices(self.num_hidden_layers, config.features.layer_fractions)
         # Layer 0 (embeddings) is captured as the input of the first decoder layer, so keep at least one.
         depth = max(1, max(self.layers))
-        self.model = load_truncated_model(model_path, depth, self.dtype, config.model.trust_remote_code).to(self.device)
+        blocks = config.features.attention == "blocks"
+        self.model = load_truncated_model(
+            model_path,
+            depth,
+            self.dtype,
+            config.model.trust_remote_code,
+            attn_implementation=packed_attention.register() if blocks else "sdpa",
+        ).to(self.device)
         self.feature_dim: int = len(self.layers) * self.model.config.hidden_size
 
         self._captured: dict[int, torch.Tensor] = {}
         self._install_capture_hooks()
 
         T = self.plan.chunk_length
-        self._generated_mask = self.plan.attention_mask(self.dtype)[:, :, T:, :].to(self.device)  # [1, 1, NB*G, S]
+        self._generated_mask = (
+            None if blocks else self.plan.attention_mask(self.dtype)[:, :, T:, :].to(self.device)
+        )  # [1, 1, NB*G, S]
         self._generated_positions = self.plan.position_ids[T:].to(self.device)  # [NB*G]
         self._generated_block_indices = self.plan.generated_indices[0] - T  # [NB, G] into the generated part
         self._window_indices = self.plan.window_indices  # [NB, G] into the document
@@ -112,6 +126,12 @@ class FeatureExtractor:
                 self.model.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
             else:
                 self.model.layers[layer - 1].register_forward_hook(keep_output(layer))
+
+    def _row_attention(self, rows: int) -> dict:
+        """How `rows` rows of one sample's generated tokens attend to the cached document and to themselves."""
+        if self._generated_mask is None:
+            return {"block_plan": self.plan}
+        return {"attention_mask": self._generated_mask.expand(rows, -1, -1, -1)}
 
     def _pooled(self, indices: torch.Tensor) -> torch.Tensor:
         """Features of the last forward pooled at `indices` [NB, G]; the captured states are released."""
@@ -157,7 +177,7 @@ class FeatureExtractor:
                 self.model(
                     input_ids=rows[row_slice].to(self.device),
                     position_ids=self._generated_positions.expand(count, -1),
-                    attention_mask=self._generated_mask.expand(count, -1, -1, -1),
+                    **self._row_attention(count),
                     past_key_values=cache,
                     use_cache=True,
                 )

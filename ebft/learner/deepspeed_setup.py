@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from ebft import packed_attention
 from ebft.config import Config, batch_geometry
-from ebft.learner import packed_attention
 
 
 def free_port() -> int:
