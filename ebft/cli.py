@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ebft.config import ConfigError
 
@@ -62,10 +63,19 @@ def _eval(args: argparse.Namespace) -> int:
     model_or_checkpoint = args.model_or_checkpoint or args.model_after_config
     if model_or_checkpoint is None:
         raise ConfigError("ebft eval needs MODEL_OR_CHECKPOINT: a checkpoint, model or run folder, or `smollm2`")
+    if Path(model_or_checkpoint).is_file():  # models are folders or hub ids: this is an earlier evaluation
+        from ebft.evaluation.checkpoint_eval import compare_metrics_files
+
+        if args.against is None:
+            raise ConfigError(
+                f"{model_or_checkpoint} is a file: to pair two earlier evaluations, give --against OTHER.eval.json"
+            )
+        compare_metrics_files(model_or_checkpoint, args.against)
+        return 0
     config = load_config(args.config, [*args.overrides, *args.overrides_after_config])
     from ebft.evaluation.checkpoint_eval import run
 
-    run(model_or_checkpoint, config, output=args.output)
+    run(model_or_checkpoint, config, output=args.output, against=args.against)
     return 0
 
 
@@ -164,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--output", default=None, help="metrics JSON path (default: MODEL_OR_CHECKPOINT.eval.json beside it)"
+    )
+    evaluate.add_argument(
+        "--against",
+        metavar="BASELINE.eval.json",
+        default=None,
+        help="an earlier evaluation on the same held-out chunks: print the paired differences with 95%% intervals "
+        "(MODEL_OR_CHECKPOINT may itself be an earlier .eval.json: then nothing is evaluated again)",
     )
     evaluate.set_defaults(handler=_eval, overrides_after_config=[], model_after_config=None)
     return parser

@@ -56,7 +56,7 @@ def test_submit_and_eval_dispatch(monkeypatch, config_file):
     assert submitted[1][1]["command"] == "compare"
     assert cli.main(["eval", "runs/x", "--config", str(config_file)]) == 0
     (model, config), kwargs = evaluated[0]
-    assert model == "runs/x" and config.training.steps == 5 and kwargs == {"output": None}
+    assert model == "runs/x" and config.training.steps == 5 and kwargs == {"output": None, "against": None}
 
 
 def test_compare_dispatch(monkeypatch, config_file):

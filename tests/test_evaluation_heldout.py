@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -241,7 +242,7 @@ def test_eval_command_reads_overrides_after_the_config(monkeypatch, tmp_path):
     assert cli.main(["eval", "--output", "m.json", "--config", config, "runs/x", "eval.humaneval_problems=2"]) == 0
     assert len(calls) == 3
     for (model, parsed), kwargs in calls:
-        assert model == "runs/x" and kwargs == {"output": "m.json"}
+        assert model == "runs/x" and kwargs == {"output": "m.json", "against": None}
         assert parsed.eval.num_docs == 3 and parsed.eval.humaneval_problems == 2
 
 
@@ -290,3 +291,45 @@ def test_ebft_eval_end_to_end_on_smollm2(tmp_path):
     assert metrics["eval/heldout/num_chunks"] == 3 and metrics["eval/humaneval/num_problems"] == 2
     assert sum(v for k, v in metrics.items() if k.startswith("eval/humaneval/outcome/")) == 2
     assert 0.0 <= metrics["eval/humaneval/pass@1"] <= 1.0 and 0.0 <= metrics["eval/translation/bleu"] <= 100.0
+
+
+def _metrics_file(path, per_chunk_cfm, chunk_ids, groups, feature_model="base-model"):
+    """A metrics JSON as `ebft eval` writes it, with only the held-out CFM per chunk."""
+    record = {
+        "model": "m",
+        "feature_model": feature_model,
+        "metrics": {"eval/cfm": sum(per_chunk_cfm) / len(per_chunk_cfm)},
+        "chunk_ids": chunk_ids,
+        "groups": groups,
+        "per_chunk": {"eval/cfm": per_chunk_cfm},
+    }
+    path.write_text(json.dumps(record))
+    return str(path)
+
+
+def test_two_earlier_evaluations_are_paired_chunk_by_chunk(tmp_path, capsys):
+    rng = random.Random(0)
+    before = [rng.uniform(0.3, 0.5) for _ in range(12)]
+    after = [value - 0.05 + rng.uniform(-0.01, 0.01) for value in before]  # every chunk improves by about 0.05
+    ids, groups = list(range(12)), [i // 3 for i in range(12)]
+    a = _metrics_file(tmp_path / "a.eval.json", after, ids, groups)
+    b = _metrics_file(tmp_path / "b.eval.json", before, ids, groups)
+
+    assert cli.main(["eval", a, "--against", b]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "eval/cfm" in line)
+    mean = sum(x - y for x, y in zip(after, before)) / 12
+    assert f"{mean:+.4f}" in row and row.rstrip(" │|").endswith("*")  # the interval excludes zero
+
+    # Different chunks, another feature network, no baseline or not a metrics file: clear errors, nothing paired.
+    other_chunks = _metrics_file(tmp_path / "c.eval.json", before, [i + 100 for i in ids], groups)
+    other_features = _metrics_file(tmp_path / "d.eval.json", before, ids, groups, feature_model="other-model")
+    (tmp_path / "not_metrics.json").write_text("{}")
+    for baseline, message in [
+        (other_chunks, "different held-out chunks"),
+        (other_features, "different feature spaces"),
+        (str(tmp_path / "not_metrics.json"), "is not an evaluation"),
+    ]:
+        assert cli.main(["eval", a, "--against", baseline]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["eval", a]) == 2
+    assert "--against" in capsys.readouterr().err

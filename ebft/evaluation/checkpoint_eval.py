@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from ebft.config import Config, ConfigError
-from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
+from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, paired_differences
 from ebft.evaluation.humaneval import CompleteFn, humaneval_problems, run_code_eval
+from ebft.evaluation.stats import Difference
 from ebft.evaluation.translation import TranslationExample, load_translation_jsonl, score_translations
 from ebft.learner.loss import chunks_document_ce
 from ebft.messages import ChunkBatch, RolloutBatch
@@ -203,7 +204,9 @@ def print_metrics(metrics: dict[str, float], title: str, console=None) -> None:
     (console or Console()).print(table)
 
 
-def write_metrics(path: Path, evaluation: Evaluation, plan: EvalPlan, config: Config, elapsed_s: float) -> None:
+def write_metrics(
+    path: Path, evaluation: Evaluation, plan: EvalPlan, config: Config, elapsed_s: float, against: dict | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "model": plan.model_path,
@@ -215,9 +218,80 @@ def write_metrics(path: Path, evaluation: Evaluation, plan: EvalPlan, config: Co
         "per_chunk": evaluation.per_chunk,
         "config": config.model_dump(mode="json"),
     }
+    if against is not None:
+        record["against"] = against
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- two evaluations, paired
+
+
+def read_metrics(path: str | Path) -> tuple[Evaluation, str | None]:
+    """An `ebft eval` metrics JSON, or a run's evals/step_*.json: its held-out evaluation and the feature model
+    it was measured with (None where the file does not say: a run's evaluation uses its own config's)."""
+    try:
+        record = json.loads(Path(path).read_text())
+        fields = {name: record[name] for name in ("metrics", "chunk_ids", "groups", "per_chunk")}
+        return Evaluation(step=record.get("step", 0), **fields), record.get("feature_model")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{path} is not an evaluation: give a metrics file written by `ebft eval` (*{METRICS_SUFFIX}) "
+            "or a run's evals/step_*.json"
+        ) from None
+
+
+def paired_against(
+    evaluation: Evaluation, feature_model: str | None, baseline_path: str | Path
+) -> dict[str, Difference]:
+    """`evaluation` - the one in `baseline_path`, per held-out metric, with 95% intervals (ebft.evaluation.stats)."""
+    baseline, baseline_feature_model = read_metrics(baseline_path)
+    known = feature_model is not None and baseline_feature_model is not None
+    if known and Path(feature_model).resolve() != Path(baseline_feature_model).resolve():
+        raise ConfigError(
+            f"{baseline_path} was measured with the feature network {baseline_feature_model}, this evaluation with "
+            f"{feature_model}: feature-matching losses in different feature spaces cannot be compared"
+        )
+    try:
+        return paired_differences(evaluation, baseline)
+    except ValueError as error:
+        raise ConfigError(f"{baseline_path}: {error}") from None
+
+
+def print_differences(
+    differences: dict[str, Difference], evaluation: Evaluation, baseline_path: str | Path, console=None
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    baseline, _ = read_metrics(baseline_path)
+    table = Table(
+        title=f"against {baseline_path}: paired over {len(evaluation.chunk_ids)} held-out chunks, "
+        "95% bootstrap interval over source files (* excludes zero)",
+        title_justify="left",
+    )
+    for column in ("metric", "this", "against", "difference [95% interval]"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, difference in differences.items():
+        mark = "*" if difference.significant else ""
+        table.add_row(name, f"{evaluation.metrics[name]:.4f}", f"{baseline.metrics[name]:.4f}", f"{difference}{mark}")
+    (console or Console()).print(table)
+
+
+def compare_metrics_files(after_path: str | Path, baseline_path: str | Path) -> dict[str, Difference]:
+    """`ebft eval A.eval.json --against B.eval.json`: pair two earlier evaluations without evaluating again."""
+    evaluation, feature_model = read_metrics(after_path)
+    differences = paired_against(evaluation, feature_model, baseline_path)
+    print_differences(differences, evaluation, baseline_path)
+    return differences
+
+
+def _as_record(differences: dict[str, Difference], baseline_path: str | Path) -> dict:
+    return {
+        "path": str(baseline_path),
+        "differences": {name: {"mean": d.mean, "low": d.low, "high": d.high} for name, d in differences.items()},
+    }
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -282,18 +356,27 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
 
 
 def run(
-    model_or_checkpoint: str, config: Config, *, output: str | None = None, progress: bool = True
+    model_or_checkpoint: str,
+    config: Config,
+    *,
+    output: str | None = None,
+    against: str | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate a model or checkpoint: held-out CE / perplexity, feature-matching loss, alignment reward
     pass@1/pass@k, HumanEval pass@k (eval.humaneval_problems > 0), BLEU (eval.translation_file).
 
-    Prints a table, writes the metrics JSON (to `output`, default next to the checkpoint) and returns them."""
+    Prints a table, writes the metrics JSON (to `output`, default next to the checkpoint) and returns them.
+    `against`: an earlier `ebft eval` metrics JSON on the same held-out chunks; the held-out differences
+    from it are printed with their intervals and saved in the metrics JSON."""
     from rich.console import Console
 
     from ebft.features.extractor import FeatureExtractor
 
     started = time.perf_counter()
     plan = EvalPlan(model_or_checkpoint, config, output)
+    if against is not None:
+        read_metrics(against)  # a wrong path fails now, not after the evaluation
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     console = Console(stderr=True)
     problems = humaneval_problems(config.eval.humaneval_problems) if config.eval.humaneval_problems else []
@@ -326,9 +409,14 @@ def run(
         metrics.update(generation_metrics)
 
     elapsed = time.perf_counter() - started
-    write_metrics(plan.output, evaluation, plan, config, elapsed)
+    differences = paired_against(evaluation, plan.feature_model_path, against) if against is not None else None
+    write_metrics(
+        plan.output, evaluation, plan, config, elapsed, _as_record(differences, against) if differences else None
+    )
     out = Console()
     out.print(f"model: {plan.model_path}\nfeature model: {plan.feature_model_path}", soft_wrap=True, highlight=False)
     print_metrics(metrics, title=f"ebft eval ({elapsed:.0f} s)", console=out)
+    if differences is not None:
+        print_differences(differences, evaluation, against, console=out)
     out.print(f"metrics written to {plan.output}", soft_wrap=True, highlight=False)
     return metrics
