@@ -292,6 +292,16 @@ def test_ebft_eval_end_to_end_on_smollm2(tmp_path):
     assert sum(v for k, v in metrics.items() if k.startswith("eval/humaneval/outcome/")) == 2
     assert 0.0 <= metrics["eval/humaneval/pass@1"] <= 1.0 and 0.0 <= metrics["eval/translation/bleu"] <= 100.0
 
+    # The same model again, paired with the first evaluation: the same chunks and sampling seeds give the same
+    # values chunk by chunk, so every difference and its interval are zero.
+    again = tmp_path / "again.json"
+    args = ["eval", model, "--config", str(config_file), "eval.humaneval_problems=0", "eval.translation_file=null"]
+    assert cli.main([*args, "--output", str(again), "--against", str(output)]) == 0
+    differences = json.loads(again.read_text())["against"]["differences"]
+    assert set(differences) == {"eval/full_ce_loss", "eval/cfm", "eval/cfm_plugin", "eval/reward_pass1_gt"}
+    for name, difference in differences.items():
+        assert max(abs(difference[key]) for key in ("mean", "low", "high")) < 1e-6, (name, difference)
+
 
 def _metrics_file(path, per_chunk_cfm, chunk_ids, groups, feature_model="base-model"):
     """A metrics JSON as `ebft eval` writes it, with only the held-out CFM per chunk."""
@@ -325,7 +335,7 @@ def test_two_earlier_evaluations_are_paired_chunk_by_chunk(tmp_path, capsys):
     other_features = _metrics_file(tmp_path / "d.eval.json", before, ids, groups, feature_model="other-model")
     (tmp_path / "not_metrics.json").write_text("{}")
     for baseline, message in [
-        (other_chunks, "different held-out chunks"),
+        (other_chunks, "other held-out chunks"),
         (other_features, "different feature spaces"),
         (str(tmp_path / "not_metrics.json"), "is not an evaluation"),
     ]:

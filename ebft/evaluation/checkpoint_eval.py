@@ -242,30 +242,31 @@ def read_metrics(path: str | Path) -> tuple[Evaluation, str | None]:
         ) from None
 
 
-def paired_against(
-    evaluation: Evaluation, feature_model: str | None, baseline_path: str | Path
-) -> dict[str, Difference]:
-    """`evaluation` - the one in `baseline_path`, per held-out metric, with 95% intervals (ebft.evaluation.stats)."""
-    baseline, baseline_feature_model = read_metrics(baseline_path)
+def load_baseline(path: str | Path, chunk_ids: list[int], feature_model: str | None) -> Evaluation:
+    """The evaluation in `path`, checked to pair with one on `chunk_ids` measured with `feature_model`."""
+    baseline, baseline_feature_model = read_metrics(path)
+    if baseline.chunk_ids != list(chunk_ids):
+        raise ConfigError(
+            f"{path} was evaluated on other held-out chunks; pair evaluations with the same data, "
+            "data.heldout_fraction, eval.num_docs and eval.seed"
+        )
     known = feature_model is not None and baseline_feature_model is not None
     if known and Path(feature_model).resolve() != Path(baseline_feature_model).resolve():
         raise ConfigError(
-            f"{baseline_path} was measured with the feature network {baseline_feature_model}, this evaluation with "
+            f"{path} was measured with the feature network {baseline_feature_model}, this evaluation with "
             f"{feature_model}: feature-matching losses in different feature spaces cannot be compared"
         )
-    try:
-        return paired_differences(evaluation, baseline)
-    except ValueError as error:
-        raise ConfigError(f"{baseline_path}: {error}") from None
+    return baseline
 
 
 def print_differences(
-    differences: dict[str, Difference], evaluation: Evaluation, baseline_path: str | Path, console=None
-) -> None:
+    evaluation: Evaluation, baseline: Evaluation, baseline_path: str | Path, console=None
+) -> dict[str, Difference]:
+    """evaluation - baseline per held-out metric, with 95% intervals (ebft.evaluation.stats), as a table."""
     from rich.console import Console
     from rich.table import Table
 
-    baseline, _ = read_metrics(baseline_path)
+    differences = paired_differences(evaluation, baseline)
     table = Table(
         title=f"against {baseline_path}: paired over {len(evaluation.chunk_ids)} held-out chunks, "
         "95% bootstrap interval over source files (* excludes zero)",
@@ -277,14 +278,15 @@ def print_differences(
         mark = "*" if difference.significant else ""
         table.add_row(name, f"{evaluation.metrics[name]:.4f}", f"{baseline.metrics[name]:.4f}", f"{difference}{mark}")
     (console or Console()).print(table)
+    return differences
 
 
 def compare_metrics_files(after_path: str | Path, baseline_path: str | Path) -> dict[str, Difference]:
     """`ebft eval A.eval.json --against B.eval.json`: pair two earlier evaluations without evaluating again."""
     evaluation, feature_model = read_metrics(after_path)
-    differences = paired_against(evaluation, feature_model, baseline_path)
-    print_differences(differences, evaluation, baseline_path)
-    return differences
+    return print_differences(
+        evaluation, load_baseline(baseline_path, evaluation.chunk_ids, feature_model), baseline_path
+    )
 
 
 def _as_record(differences: dict[str, Difference], baseline_path: str | Path) -> dict:
@@ -375,8 +377,6 @@ def run(
 
     started = time.perf_counter()
     plan = EvalPlan(model_or_checkpoint, config, output)
-    if against is not None:
-        read_metrics(against)  # a wrong path fails now, not after the evaluation
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     console = Console(stderr=True)
     problems = humaneval_problems(config.eval.humaneval_problems) if config.eval.humaneval_problems else []
@@ -384,6 +384,10 @@ def run(
     with Stages(console, enabled=progress) as stages:
         with stages.stage("held-out chunks"):
             evaluator = HeldoutEvaluator(config, *_load_heldout(plan, config))
+        # A baseline that cannot be paired fails now, not after the evaluation.
+        baseline = (
+            None if against is None else load_baseline(against, evaluator.chunks.chunk_ids, plan.feature_model_path)
+        )
         rollouts, generation_metrics = _sample_with_engine(plan, config, evaluator, problems, stages)
 
         def cached_rollouts(chunks: ChunkBatch, num_samples: int) -> RolloutBatch:
@@ -409,14 +413,11 @@ def run(
         metrics.update(generation_metrics)
 
     elapsed = time.perf_counter() - started
-    differences = paired_against(evaluation, plan.feature_model_path, against) if against is not None else None
-    write_metrics(
-        plan.output, evaluation, plan, config, elapsed, _as_record(differences, against) if differences else None
-    )
     out = Console()
     out.print(f"model: {plan.model_path}\nfeature model: {plan.feature_model_path}", soft_wrap=True, highlight=False)
     print_metrics(metrics, title=f"ebft eval ({elapsed:.0f} s)", console=out)
-    if differences is not None:
-        print_differences(differences, evaluation, against, console=out)
+    differences = None if baseline is None else print_differences(evaluation, baseline, against, console=out)
+    against_record = None if differences is None else _as_record(differences, against)
+    write_metrics(plan.output, evaluation, plan, config, elapsed, against_record)
     out.print(f"metrics written to {plan.output}", soft_wrap=True, highlight=False)
     return metrics
