@@ -50,7 +50,7 @@ def llama_config(args):
 
 
 def learner_path(attention: str, args, dtype):
-    """The learner's forward + backward of one packed row; returns (step, its output)."""
+    """The learner's forward + backward of one packed row, as a call that returns its log-probs."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -77,7 +77,7 @@ def learner_path(attention: str, args, dtype):
 
 
 def features_path(attention: str, args, dtype):
-    """`FeatureExtractor.extract` of one document and its n rollouts; returns (step, its output)."""
+    """`FeatureExtractor.extract` of one document and its n rollouts, as a call that returns the features."""
     import torch
 
     from ebft.config import build_config

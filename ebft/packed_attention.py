@@ -99,9 +99,10 @@ def packed_block_attention(
     if attention_mask is not None:
         raise ValueError(f"attention {IMPLEMENTATION!r} takes the packed row's BlockPlan, not an attention mask")
     plan, T, B = block_plan, block_plan.chunk_length, query.shape[0]
-    if key.shape[2] != plan.packed_length or query.shape[2] not in (plan.packed_length, plan.packed_length - T):
+    generated_length = plan.packed_length - T
+    if key.shape[2] != plan.packed_length or query.shape[2] not in (plan.packed_length, generated_length):
         raise ValueError(
-            f"a packed row of this plan has {plan.packed_length} keys and as many queries (or {plan.packed_length - T}"
+            f"a packed row of this plan has {plan.packed_length} keys and as many queries (or {generated_length}"
             f" with the document cached), got {key.shape[2]} keys and {query.shape[2]} queries"
         )
     groups = query.shape[1] // key.shape[1]
@@ -114,7 +115,7 @@ def packed_block_attention(
         document = x[:, None, :, :T].expand(-1, group.shape[1], -1, -1, -1)
         return torch.cat([document, group], dim=3).flatten(0, 1)
 
-    queries = _to_groups(query[:, :, query.shape[2] - (plan.packed_length - T) :], plan)
+    queries = _to_groups(query[:, :, -generated_length:], plan)
     mask = _group_mask(plan, query.device)
     generated = F.scaled_dot_product_attention(
         queries.flatten(0, 1),

@@ -335,7 +335,7 @@ def test_two_earlier_evaluations_are_paired_chunk_by_chunk(tmp_path, capsys):
     other_features = _metrics_file(tmp_path / "d.eval.json", before, ids, groups, feature_model="other-model")
     (tmp_path / "not_metrics.json").write_text("{}")
     for baseline, message in [
-        (other_chunks, "other held-out chunks"),
+        (other_chunks, "different held-out chunks"),
         (other_features, "different feature spaces"),
         (str(tmp_path / "not_metrics.json"), "is not an evaluation"),
     ]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ebft.config import Config, ConfigError
-from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, paired_differences
+from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, check_same_chunks, paired_differences
 from ebft.evaluation.humaneval import CompleteFn, humaneval_problems, run_code_eval
 from ebft.evaluation.stats import Difference
 from ebft.evaluation.translation import TranslationExample, load_translation_jsonl, score_translations
@@ -233,8 +233,7 @@ def read_metrics(path: str | Path) -> tuple[Evaluation, str | None]:
     it was measured with (None where the file does not say: a run's evaluation uses its own config's)."""
     try:
         record = json.loads(Path(path).read_text())
-        fields = {name: record[name] for name in ("metrics", "chunk_ids", "groups", "per_chunk")}
-        return Evaluation(step=record.get("step", 0), **fields), record.get("feature_model")
+        return Evaluation.from_record(record), record.get("feature_model")
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(
             f"{path} is not an evaluation: give a metrics file written by `ebft eval` (*{METRICS_SUFFIX}) "
@@ -245,11 +244,10 @@ def read_metrics(path: str | Path) -> tuple[Evaluation, str | None]:
 def load_baseline(path: str | Path, chunk_ids: list[int], feature_model: str | None) -> Evaluation:
     """The evaluation in `path`, checked to pair with one on `chunk_ids` measured with `feature_model`."""
     baseline, baseline_feature_model = read_metrics(path)
-    if baseline.chunk_ids != list(chunk_ids):
-        raise ConfigError(
-            f"{path} was evaluated on other held-out chunks; pair evaluations with the same data, "
-            "data.heldout_fraction, eval.num_docs and eval.seed"
-        )
+    try:
+        check_same_chunks(chunk_ids, baseline.chunk_ids)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
     known = feature_model is not None and baseline_feature_model is not None
     if known and Path(feature_model).resolve() != Path(baseline_feature_model).resolve():
         raise ConfigError(

@@ -54,7 +54,13 @@ class Evaluation:
 
     @classmethod
     def load(cls, path: Path) -> Evaluation:
-        return cls(**json.loads(Path(path).read_text()))
+        return cls.from_record(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_record(cls, record: dict) -> Evaluation:
+        """From a saved evaluation, or the metrics JSON of `ebft eval` (which has no step, and more keys)."""
+        fields = {name: record[name] for name in ("metrics", "chunk_ids", "groups", "per_chunk")}
+        return cls(step=record.get("step", 0), **fields)
 
 
 def feature_metrics(config: Config, features: FeatureBatch) -> dict[str, torch.Tensor]:
@@ -103,13 +109,17 @@ class HeldoutEvaluator:
         )
 
 
-def paired_differences(after: Evaluation, before: Evaluation) -> dict[str, Difference]:
-    """after - before for every per-chunk metric, with a 95% bootstrap interval over source files."""
-    if after.chunk_ids != before.chunk_ids:
+def check_same_chunks(chunk_ids: list[int], other_chunk_ids: list[int]) -> None:
+    if list(chunk_ids) != list(other_chunk_ids):
         raise ValueError(
             "the two evaluations were run on different held-out chunks; compare runs with the same data, "
             "data.heldout_fraction, eval.num_docs and eval.seed"
         )
+
+
+def paired_differences(after: Evaluation, before: Evaluation) -> dict[str, Difference]:
+    """after - before for every per-chunk metric, with a 95% bootstrap interval over source files."""
+    check_same_chunks(after.chunk_ids, before.chunk_ids)
     return {
         name: paired_difference(after.per_chunk[name], before.per_chunk[name], after.groups)
         for name in PAIRED_METRICS
