@@ -139,6 +139,10 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     weight_transport: Literal["auto", "object_store", "nccl"] = "auto"
     """`auto`: NCCL when the pools have GPUs, else the weights' bytes through the Ray object store."""
+    enforce_eager: bool | None = None
+    """Run the engine's model without torch.compile (and CUDA graphs). None: eager on CPU, where compiling costs
+    ~40-110 s at every start (vLLM's compile cache does not load there) for no measurable gain in these
+    batches (README "The demo"); compiled on GPU."""
 
 
 class LearnerConfig(Section):

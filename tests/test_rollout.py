@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import TINY_VOCAB, make_tiny_llama, transformers_greedy
 
-from ebft.actors.rollout import RolloutWorker, block_seed
+from ebft.actors.rollout import RolloutWorker, block_seed, runs_eager
 from ebft.config import build_config
 from ebft.layout import BlockPlan
 from ebft.learner.object_store_sender import ObjectStoreWeightSender
@@ -62,7 +62,7 @@ def config(model_dir):
 def worker(config, model_dir):
     # An in-process engine sets torch to one thread and disables set_num_threads: undo that afterwards.
     threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
-    engine = RolloutWorker(config, str(model_dir), enforce_eager=True)
+    engine = RolloutWorker(config, str(model_dir))  # eager: the CPU default
     yield engine
     engine.shutdown()
     torch.set_num_threads = set_num_threads
@@ -116,6 +116,16 @@ def test_rollouts_are_g_tokens_from_every_nested_prefix_with_transformers_logpro
 
 
 @pytest.mark.slow
+def test_engine_skips_torch_compile_on_cpu_unless_the_config_asks_for_it(worker, config):
+    # The module's engine was built without an explicit choice: on CPU it runs eager (no minute-long compile).
+    assert worker.llm.llm_engine.vllm_config.model_config.enforce_eager is True
+    assert runs_eager(config)
+    gpu_pools = {"rollout": {"gpus_per_actor": 1}, "features": {"gpus_per_actor": 1}, "learner": {"gpus_per_actor": 1}}
+    assert not runs_eager(build_config({"resources": gpu_pools}))
+    assert not runs_eager(build_config({"rollout": {"enforce_eager": False}}))
+    assert runs_eager(build_config({"rollout": {"enforce_eager": True}, "resources": gpu_pools}))
+
+
 def test_sampling_depends_only_on_run_seed_step_chunk_and_block(worker):
     both = worker.generate(random_chunks(2, step=3, first_id=40))
     second_alone = worker.generate(ChunkBatch([41], both.chunks.tokens[1:], step=3))
@@ -151,7 +161,7 @@ def test_weight_update_makes_greedy_generation_follow_the_new_weights(worker, mo
 
 
 @pytest.mark.slow
-def test_generation_alone_on_the_node_uses_every_core_for_that_call_only(worker, monkeypatch):
+def test_generation_and_completion_alone_on_the_node_use_every_core_for_that_call_only(worker, monkeypatch):
     from ebft import cpu_threads
 
     threads_seen = []
@@ -166,7 +176,10 @@ def test_generation_alone_on_the_node_uses_every_core_for_that_call_only(worker,
     chunks = random_chunks(1)
     worker.generate(chunks)
     worker.generate(chunks, alone=True)
-    assert threads_seen == [1, cpu_threads.node_cores()] and torch.get_num_threads() == 1
+    worker.complete([[5, 6, 7]], max_tokens=2)
+    worker.complete([[5, 6, 7]], max_tokens=2, alone=True)  # HumanEval during a held-out evaluation
+    cores = cpu_threads.node_cores()
+    assert threads_seen == [1, cores, 1, cores] and torch.get_num_threads() == 1
 
 
 @pytest.mark.slow

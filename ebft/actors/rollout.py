@@ -46,6 +46,12 @@ def has_tokenizer(model_path: str) -> bool:
     return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
+def runs_eager(config) -> bool:
+    """Whether the run's engines skip torch.compile: `rollout.enforce_eager`, or where it is unset, on CPU."""
+    eager = config.rollout.enforce_eager
+    return config.resources.rollout.gpus_per_actor == 0 if eager is None else eager
+
+
 @contextlib.contextmanager
 def _without_env(name: str):
     """vLLM's CPU platform lets the legacy VLLM_CPU_KVCACHE_SPACE override kv_cache_memory_bytes;
@@ -66,7 +72,7 @@ class RolloutWorker:
         config,
         model_path: str,
         *,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 1024,
         max_num_batched_tokens: int = 16384,
@@ -74,8 +80,7 @@ class RolloutWorker:
     ) -> None:
         """Builds the engine (seconds to a minute). Tuning knobs, defaults fit EBFT rollouts:
 
-        - `enforce_eager`: skip torch.compile; start in seconds instead of ~1 min on CPU, ~7% slower
-          on SmolLM2-135M. Tests and short evaluations want it.
+        - `enforce_eager`: skip torch.compile (None: `rollout.enforce_eager`, which is eager on CPU).
         - `max_model_len`: T + G by default; raise it when `complete` serves longer prompts.
         - `max_num_seqs`: sequences per decode step; one chunk brings NB x n of them (124 at T = 256),
           so vLLM's default of 256 would split 8 chunks into four rounds.
@@ -94,7 +99,7 @@ class RolloutWorker:
         self._rewound_to: int | None = None
         max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
         self.llm = self._build_engine(
-            enforce_eager=enforce_eager,
+            enforce_eager=runs_eager(config) if enforce_eager is None else enforce_eager,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(max_num_batched_tokens, max_model_len),
@@ -260,10 +265,11 @@ class RolloutWorker:
         max_tokens: int = 256,
         stop: list[str] | None = None,
         seed: int | None = None,
+        alone: bool = False,
     ) -> list[list[str]] | list[list[list[int]]]:
         """n completions per prompt: texts for text prompts, token ids for token-id prompts.
 
-        Text prompts and `stop` strings need the model folder's tokenizer.
+        Text prompts and `stop` strings need the model folder's tokenizer. `alone`: as in `generate`.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -281,7 +287,8 @@ class RolloutWorker:
             detokenize=as_text or bool(stop),
         )
         inputs = prompts if as_text else [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        with all_cores(alone and not self.on_gpu):
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
         ordered = [sorted(output.outputs, key=lambda sample: sample.index) for output in outputs]
         if as_text:
             return [[sample.text for sample in samples] for samples in ordered]

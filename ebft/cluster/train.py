@@ -276,7 +276,10 @@ class RunRecorder:
             step=step,
         )
         if self.code_problems:
-            complete = lambda prompts, **options: ray.get(rollout.complete.remote(prompts, **options))  # noqa: E731
+
+            def complete(prompts, **options):
+                return ray.get(rollout.complete.remote(prompts, **options, alone=True))
+
             evaluation.metrics.update(run_code_eval(complete, self.code_problems, self.config))
         evaluation.save(evaluation_path(self.inputs.run_dir, step))
         self.evaluations.append(evaluation)

@@ -329,9 +329,7 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         _longest_prompt_tokens(plan, config, problems) + config.eval.max_new_tokens,
     )
     with stages.stage("starting vLLM on the evaluated model"):
-        worker = RolloutWorker(
-            config, plan.model_path, enforce_eager=not torch.cuda.is_available(), max_model_len=needed_length
-        )
+        worker = RolloutWorker(config, plan.model_path, max_model_len=needed_length)
     metrics: dict[str, float] = {}
     try:
         chunks, n = evaluator.chunks, config.eval.num_samples
