@@ -34,10 +34,9 @@ from ebft.layout import BlockPlan  # noqa: E402
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
-FEATURE_DIM = 1728  # three layers of SmolLM2-135M
 
 
-def step_batch(plan: BlockPlan, docs: torch.Tensor, version: int, seed: int):
+def step_batch(plan: BlockPlan, docs: torch.Tensor, version: int, seed: int, feature_dim: int):
     generator = torch.Generator().manual_seed(seed)
     n, NB, G = plan.samples, plan.num_blocks, plan.block_length
     rollouts = torch.randint(3, 40000, (docs.shape[0], n, NB, G), generator=generator)
@@ -45,8 +44,8 @@ def step_batch(plan: BlockPlan, docs: torch.Tensor, version: int, seed: int):
     batch = RolloutBatch(chunks, rollouts, torch.full(rollouts.shape, -1.0), weight_version=version)
     features = FeatureBatch(
         chunks.chunk_ids,
-        torch.randn(docs.shape[0], n, NB, FEATURE_DIM, generator=generator),
-        torch.randn(docs.shape[0], NB, FEATURE_DIM, generator=generator),
+        torch.randn(docs.shape[0], n, NB, feature_dim, generator=generator),
+        torch.randn(docs.shape[0], NB, feature_dim, generator=generator),
     )
     return [batch], [features]
 
@@ -84,6 +83,8 @@ def main() -> None:
     rows, row_tokens = args.docs, plan.packed_length
 
     floor_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    # What the feature network returns: one hidden state per chosen layer, concatenated.
+    feature_dim = len(config.features.layer_fractions) * floor_model.config.hidden_size
     floor_model.train()
     floor_rows = torch.randint(3, 40000, (rows, row_tokens), generator=torch.Generator().manual_seed(1))
     micro = config.learner.micro_batch_docs
@@ -98,7 +99,7 @@ def main() -> None:
 
     def learner_step() -> float:
         version = learner.weight_version
-        rollouts, features = step_batch(plan, docs, version, seed=version)
+        rollouts, features = step_batch(plan, docs, version, seed=version, feature_dim=feature_dim)
         started = time.perf_counter()
         learner.train_step(rollouts, features, version)
         return time.perf_counter() - started

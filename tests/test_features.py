@@ -11,6 +11,7 @@ from ebft.features.pool import create_feature_worker
 from ebft.features.pooling import feature_layer_indices, pool_blocks, token_features
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch
+from ebft.packed_attention import blocks_per_group
 
 # T=40, C=8, s=4, G=4 -> NB=8 blocks, n=3 samples; the tiny Llama has 4 layers, hidden size 64.
 GEOMETRY = [
@@ -116,6 +117,29 @@ def test_rollout_features_equal_separate_forwards_of_prefix_plus_rollout(
                     hidden = model(input_ids=sequence[None], output_hidden_states=True).hidden_states
                     expected = reference_feature(hidden, layers, range(prefix_length, prefix_length + 4), pooling)
                     torch.testing.assert_close(features.rollout_features[d, j, k].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_block_attention_with_a_padded_last_group_equals_separate_forwards(tiny_model_dir):
+    # T=100, G=4, one sample per row: groups of K=6 blocks, NB=23, so the last group holds one padding block.
+    config = make_config("data.chunk_length=100", "features.pooling=mean", "features.attention=blocks")
+    plan = BlockPlan.from_config(config)
+    assert blocks_per_group(plan) == 6 and plan.num_blocks == 23
+    generator = torch.Generator().manual_seed(5)
+    docs = torch.randint(3, 500, (1, 100), generator=generator)
+    rollouts = torch.randint(3, 500, (1, 3, plan.num_blocks, 4), generator=generator)
+    batch = RolloutBatch(ChunkBatch([0], docs, step=0), rollouts, torch.zeros(rollouts.shape), weight_version=0)
+    features = FeatureExtractor(tiny_model_dir, config, device="cpu").extract(batch)
+
+    layers = [int(f * TINY_LAYERS) for f in config.features.layer_fractions]
+    model = reference_model(tiny_model_dir)
+    with torch.no_grad():
+        for j in range(3):
+            for k in (0, plan.num_blocks - 2, plan.num_blocks - 1):
+                prefix_length = int(plan.prefix_lengths[k])
+                sequence = torch.cat([docs[0, :prefix_length], rollouts[0, j, k]])
+                hidden = model(input_ids=sequence[None], output_hidden_states=True).hidden_states
+                expected = reference_feature(hidden, layers, range(prefix_length, prefix_length + 4), "mean")
+                torch.testing.assert_close(features.rollout_features[0, j, k].double(), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
