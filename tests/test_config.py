@@ -76,6 +76,13 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch
     assert build_config({}).model.dtype == "bfloat16"
 
 
+def test_bf16_without_zero_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="learner.zero_stage to 1 or 2"):
+        build_config(overrides=["model.dtype=bfloat16", "learner.zero_stage=0"])
+    assert build_config(overrides=["model.dtype=float32", "learner.zero_stage=0"]).learner.zero_stage == 0
+    assert build_config(overrides=["model.dtype=bfloat16", "learner.zero_stage=1"]).learner.zero_stage == 1
+
+
 def test_node_resources_are_custom_and_positive():
     config = build_config({"resources": {"rollout": {"node_resources": {"rollout_node": 1}}}})
     assert config.resources.rollout.node_resources == {"rollout_node": 1.0}
