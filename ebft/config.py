@@ -116,6 +116,10 @@ class PoolResources(Section):
     """Custom Ray resources each actor also needs, e.g. {"rollout_node": 1} to keep the pool on nodes started
     with `ray start --resources='{"rollout_node": 8}'` (README "Resources")."""
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpus_per_actor > 0
+
     @field_validator("node_resources")
     @classmethod
     def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
@@ -262,7 +266,7 @@ class Config(Section):
     def _resolve_dtype(self) -> Config:
         if self.model.dtype == "auto":
             r = self.resources
-            on_gpus = any(pool.gpus_per_actor > 0 for pool in (r.rollout, r.features, r.learner))
+            on_gpus = any(pool.on_gpu for pool in (r.rollout, r.features, r.learner))
             self.model.dtype = "bfloat16" if on_gpus or cpu_has_native_bf16() else "float32"
         return self
 
@@ -313,7 +317,7 @@ class Config(Section):
         if choice != "auto":
             return choice
         r = self.resources
-        return NCCL if r.rollout.gpus_per_actor > 0 and r.learner.gpus_per_actor > 0 else OBJECT_STORE
+        return NCCL if r.rollout.on_gpu and r.learner.on_gpu else OBJECT_STORE
 
     @property
     def num_blocks(self) -> int:

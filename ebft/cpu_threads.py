@@ -28,12 +28,12 @@ def set_threads(count: int) -> None:
     _set_num_threads(max(1, count))
 
 
-def actor_threads(resources, *, on_gpu: bool, trains_alone: bool = False, ranks_on_node: int = 1) -> int:
+def actor_threads(resources, *, trains_alone: bool = False, ranks_on_node: int = 1) -> int:
     """Threads for one actor of a pool with these `PoolResources` (see the module docstring);
     `trains_alone`: a learner rank whose training nothing overlaps."""
     if resources.threads is not None:
         return resources.threads
-    if trains_alone and not on_gpu:
+    if trains_alone and not resources.on_gpu:
         return max(1, node_cores() // ranks_on_node)
     return max(1, int(resources.cpus_per_actor))
 

@@ -58,6 +58,9 @@ def test_pipeline_end_to_end(local_ray, tiny_model_with_tokenizer, tmp_path):
         if "eval/full_ce_loss" in line
     ]
     assert [e["step"] for e in evals] == [0, 2, 3]
+    for e in evals:  # where each evaluation's time went: its phases run one after another inside its total
+        phases = [e[f"timing/eval_{phase}"] for phase in ("generate", "features", "document_ce")]
+        assert min(phases) > 0 and sum(phases) <= e["timing/eval_total"], e
     assert summary.plot is not None and summary.plot.exists()
     # Each actor's own output (vLLM, DeepSpeed, warnings) is in its file, not on the console.
     logs = summary.run_dir / "logs"

@@ -24,7 +24,7 @@ PASSED_THROUGH = ("HF_HUB_OFFLINE", "HF_HOME", "EBFT_CACHE", "VLLM_CACHE_ROOT")
 
 def rollout_actor_env(config) -> dict[str, str]:
     env = dict(COMMON_ENGINE_ENV)
-    if config.resources.rollout.gpus_per_actor == 0:
+    if not config.resources.rollout.on_gpu:
         env.update(CPU_ENGINE_ENV)
     env.update({name: os.environ[name] for name in PASSED_THROUGH if name in os.environ})
     return env

@@ -49,7 +49,7 @@ def has_tokenizer(model_path: str) -> bool:
 def runs_eager(config) -> bool:
     """Whether the run's engines skip torch.compile: `rollout.enforce_eager`, or where it is unset, on CPU."""
     eager = config.rollout.enforce_eager
-    return config.resources.rollout.gpus_per_actor == 0 if eager is None else eager
+    return not config.resources.rollout.on_gpu if eager is None else eager
 
 
 @contextlib.contextmanager
@@ -108,7 +108,7 @@ class RolloutWorker:
 
     @property
     def on_gpu(self) -> bool:
-        return self.config.resources.rollout.gpus_per_actor > 0
+        return self.config.resources.rollout.on_gpu
 
     def _build_engine(self, **engine_options):
         from vllm import LLM

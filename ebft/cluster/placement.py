@@ -26,7 +26,7 @@ def actor_options(
 ) -> dict[str, Any]:
     """Ray options of one actor of a pool: its CPUs and GPUs, in bundle `bundle_index` of the pool's group if given,
     and its starting thread count (cpu_threads.actor_threads; a learner rank then takes its share of the node)."""
-    threads = actor_threads(resources, on_gpu=resources.gpus_per_actor > 0)
+    threads = actor_threads(resources)
     runtime_env = extra.pop("runtime_env", {})
     env_vars = {"OMP_NUM_THREADS": str(threads), **runtime_env.get("env_vars", {})}
     options: dict[str, Any] = {

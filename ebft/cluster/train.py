@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from ebft.cluster.controller import Controller, RestorePoint, StepResult
+from ebft.cluster.controller import Controller, RestorePoint, StepResult, timed
 from ebft.cluster.monitor import Monitor
 from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
@@ -268,22 +269,33 @@ class RunRecorder:
         self.monitor.status(
             f"evaluating step {step}: {chunks} held-out chunks x {self.config.eval.num_samples} samples"
         )
-        evaluation = self.evaluator.run(
-            # Nothing else runs while the evaluation generates and embeds: those calls may take every core.
-            lambda chunks, n: ray.get(rollout.generate.remote(chunks, n, alone=True)),
-            lambda rollouts: ray.get(features.extract.remote(rollouts, alone=True)),
-            self.pools.learner.document_ce,
-            step=step,
-        )
-        if self.code_problems:
+        timings: dict[str, float] = {}
 
-            def complete(prompts, **options):
-                return ray.get(rollout.complete.remote(prompts, **options, alone=True))
+        def timed_call(phase: str, function: Callable) -> Callable:
+            def call(*args, **kwargs):
+                with timed(timings, f"timing/eval_{phase}"):
+                    return function(*args, **kwargs)
 
-            evaluation.metrics.update(run_code_eval(complete, self.code_problems, self.config))
+            return call
+
+        with timed(timings, "timing/eval_total"):
+            evaluation = self.evaluator.run(
+                # Nothing else runs while the evaluation generates and embeds: those calls may take every core.
+                timed_call("generate", lambda chunks, n: ray.get(rollout.generate.remote(chunks, n, alone=True))),
+                timed_call("features", lambda rollouts: ray.get(features.extract.remote(rollouts, alone=True))),
+                timed_call("document_ce", self.pools.learner.document_ce),
+                step=step,
+            )
+            if self.code_problems:
+
+                def complete(prompts, **options):
+                    return ray.get(rollout.complete.remote(prompts, **options, alone=True))
+
+                code_eval = timed_call("humaneval", run_code_eval)
+                evaluation.metrics.update(code_eval(complete, self.code_problems, self.config))
         evaluation.save(evaluation_path(self.inputs.run_dir, step))
         self.evaluations.append(evaluation)
-        self.monitor.log(step, evaluation.metrics)
+        self.monitor.log(step, {**evaluation.metrics, **timings})
 
     def save(self, step: int, resume_state: dict[str, Any]) -> Path:
         from ebft.learner.checkpoint import checkpoint_path

@@ -58,8 +58,8 @@ class LearnerRankActor:
         from ebft.learner.engine import LearnerRank
 
         resources = config.resources.learner
-        on_gpu, trains_alone = resources.gpus_per_actor > 0, config.training.max_staleness == 0
-        set_threads(actor_threads(resources, on_gpu=on_gpu, trains_alone=trains_alone, ranks_on_node=ranks_on_node))
+        trains_alone = config.training.max_staleness == 0
+        set_threads(actor_threads(resources, trains_alone=trains_alone, ranks_on_node=ranks_on_node))
         self.learner = LearnerRank(
             config,
             model_path,
@@ -141,9 +141,8 @@ class LearnerGroup:
         try:
             master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
             nodes = ray.get([actor.node_id.remote() for actor in self.actors])
-            on_gpu = resources.gpus_per_actor > 0
             # Each GPU actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), hence local rank 0.
-            local = (lambda rank: 0) if on_gpu else (lambda rank: rank)
+            local = (lambda rank: 0) if resources.on_gpu else (lambda rank: rank)
             ray.get(
                 [
                     actor.setup.remote(
