@@ -291,8 +291,8 @@ class RunRecorder:
                 def complete(prompts, **options):
                     return ray.get(rollout.complete.remote(prompts, **options, alone=True))
 
-                code_eval = timed_call("humaneval", run_code_eval)
-                evaluation.metrics.update(code_eval(complete, self.code_problems, self.config))
+                with timed(timings, "timing/eval_humaneval"):
+                    evaluation.metrics.update(run_code_eval(complete, self.code_problems, self.config))
         evaluation.save(evaluation_path(self.inputs.run_dir, step))
         self.evaluations.append(evaluation)
         self.monitor.log(step, {**evaluation.metrics, **timings})
