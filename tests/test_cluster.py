@@ -126,9 +126,11 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once
 
 @pytest.mark.parametrize("actor_class", ["RolloutWorker", "FeatureWorker"])
 def test_killed_rollout_or_feature_actor_is_replaced_and_nothing_is_lost(
-    local_ray, tiny_model_with_tokenizer, tmp_path, actor_class
+    local_ray, tiny_model_with_tokenizer, tmp_path, actor_class, monkeypatch
 ):
     config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 5})
+    unhandled = []  # errors of dropped refs nobody read: Ray prints each one as "Unhandled error"
+    monkeypatch.setattr(ray._private.worker, "_unhandled_error_handler", unhandled.append)
     killed = []
     killer = threading.Thread(
         target=kill_actor_processes, args=(actor_class, 1, tmp_path / "run" / "metrics.jsonl", killed)
@@ -140,6 +142,7 @@ def test_killed_rollout_or_feature_actor_is_replaced_and_nothing_is_lost(
     assert summary.restarts >= 1
     assert summary.trained_chunks == summary.scheduled_chunks == 10
     assert sorted(summary.trained_chunk_ids) == list(range(10))
+    assert not unhandled, unhandled
 
 
 def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list) -> None:

@@ -42,6 +42,8 @@ from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
 log = logging.getLogger(__name__)
 
+READ_ERROR_TIMEOUT_S = 30.0
+
 
 @dataclass
 class Shard:
@@ -258,6 +260,7 @@ class Controller:
                     if not is_actor_failure(error):
                         raise
                     self.replace_rollout_actor(shard, error)
+                    read_error(shard.features)  # never ran: its rollout was lost with the actor
                     self.generate(shard)
                     continue
                 if self.version - rollout.weight_version > self.config.training.max_staleness:
@@ -321,6 +324,14 @@ def timed(timings: dict[str, float], phase: str):
     started = time.perf_counter()
     yield
     timings[phase] = time.perf_counter() - started
+
+
+def read_error(ref: ray.ObjectRef) -> None:
+    """Read a failed task's error before its ref is dropped, so Ray does not print it as unhandled."""
+    try:
+        ray.get(ref, timeout=READ_ERROR_TIMEOUT_S)
+    except Exception:
+        pass
 
 
 def split_chunks(chunks: ChunkBatch, parts: int) -> list[ChunkBatch]:
