@@ -146,7 +146,7 @@ class RolloutConfig(Section):
     enforce_eager: bool | None = None
     """Run the engine's model without torch.compile (and CUDA graphs). None: eager on CPU, where compiling costs
     ~40-110 s at every start (vLLM's compile cache does not load there) for no measurable gain in these
-    batches (README "The demo"); compiled on GPU."""
+    batches (docs/results.md "Demo timings"); compiled on GPU."""
 
 
 class LearnerConfig(Section):
