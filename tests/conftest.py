@@ -9,6 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Token auth off for every Ray session of this process, as for the loopback nodes (tests/ray_cluster.py): a local
+# `ray.init()` with RAY_AUTH_MODE unset sets it to "token" in os.environ for the rest of the process, and a driver
+# in token mode rejects the token-less calls of a loopback head's GCS, which then cancels the driver's actors
+# before they start ("all references to the actor were removed").
+os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -28,14 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def pytest_collection_modifyitems(config, items):
-    """The two-node tests first. Measured: after this process ran a local Ray session (`local_ray`), the first
-    actors it creates on the loopback cluster are cancelled before they start ("all references to the actor
-    were removed"); in a fresh process, or with local sessions after the cluster's, every test passes. The
-    cause inside Ray was not found (see the notes of the session that added tests/test_multinode.py)."""
-    items.sort(key=lambda item: item.path.name != "test_multinode.py")
 
 
 @pytest.fixture(scope="module")
