@@ -98,6 +98,25 @@ def test_resume_with_max_staleness_0_reproduces_the_straight_run(
             assert rows_b[step][key] == pytest.approx(rows_a[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
+def test_a_failing_evaluation_stops_the_run_with_the_trained_weights_saved(
+    local_ray, tiny_model_with_tokenizer, tmp_path, monkeypatch
+):
+    from ebft.cluster.train import RunRecorder
+    from ebft.learner.checkpoint import checkpoint_path, latest_checkpoint
+
+    def evaluate(recorder, step):
+        raise RuntimeError(f"evaluation at step {step} broke")
+
+    monkeypatch.setattr(RunRecorder, "evaluate", evaluate)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    config = tiny_config(
+        tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 3}, eval={"every": 1, "at_start": False}
+    )
+    with pytest.raises(RuntimeError, match="evaluation at step 1 broke"):
+        run(config)  # checkpoint.every 0: no checkpoint was due before the end
+    assert latest_checkpoint(checkpoints) == checkpoint_path(checkpoints, 1)
+
+
 def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once(
     local_ray, tiny_model_with_tokenizer, tmp_path
 ):

@@ -175,10 +175,17 @@ class Controller:
         return every > 0 and self.step % every == 0
 
     def evaluate_now(self) -> None:
-        if self.evaluate is not None:
-            self.sync_weights()
-            self.confirm_push()  # the evaluation's generations must see these weights
+        if self.evaluate is None:
+            return
+        self.sync_weights()
+        self.confirm_push()  # the evaluation's generations must see these weights
+        try:
             self.evaluate(self.step)
+        except Exception:
+            if self.restore_point.step != self.step and self.learner.alive():
+                log.error("the evaluation at step %d failed; saving the weights trained so far first", self.step)
+                self.save_now()
+            raise
 
     def save_now(self) -> None:
         if self.save is not None:

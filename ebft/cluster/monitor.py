@@ -83,11 +83,13 @@ class Monitor:
         if self.wandb is not None:
             self.wandb.log(record)
         shown = "  ".join(f"{name.split('/', 1)[1]}={record[name]:.4g}" for name in CONSOLE_METRICS if name in record)
-        self.progress.update(self.task, completed=min(step + 1, self.config.training.steps), description=shown)
+        done = step if is_evaluation(record) else step + 1  # an evaluation's step counts the steps before it
+        self.progress.update(self.task, completed=min(done, self.config.training.steps), description=shown)
 
     def rewind(self, step: int) -> None:
-        """Forget what was logged for `step` and later (they are trained again)."""
-        self.history = [r for r in self.history if r["step"] < step]
+        """Forget the training steps from `step` on (they are trained again); an evaluation at `step` is of the
+        weights the run goes back to, so it stays."""
+        self.history = [r for r in self.history if r["step"] < step or r["step"] == step and is_evaluation(r)]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def status(self, text: str) -> None:
@@ -144,3 +146,8 @@ class Monitor:
     @property
     def wandb_dir(self) -> str | None:
         return None if self.wandb is None else str(Path(self.wandb.dir).parent)
+
+
+def is_evaluation(record: dict[str, Any]) -> bool:
+    """A held-out evaluation's row: logged at the number of steps trained before it (a training row at its index)."""
+    return any(name.startswith("eval/") for name in record)

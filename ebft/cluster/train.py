@@ -309,7 +309,7 @@ class RunRecorder:
         """A new learner group at the restore point; what the run recorded after it is forgotten."""
         self.pools.start_learner(point.checkpoint)
         self.monitor.rewind(point.step)
-        self.evaluations = [e for e in self.evaluations if e.step < point.step]
+        self.evaluations = [e for e in self.evaluations if e.step <= point.step]  # of weights it keeps
         return self.pools.learner
 
     def close(self) -> None:

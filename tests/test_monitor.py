@@ -1,0 +1,42 @@
+"""The run's record (metrics.jsonl) when a run goes back to a checkpoint: trained steps are forgotten, the
+evaluation of the checkpoint's weights is kept."""
+
+from __future__ import annotations
+
+import json
+
+from ebft.cluster.monitor import Monitor
+from ebft.config import build_config
+
+
+def rows(path):
+    return [(row["step"], "eval/cfm" in row) for row in map(json.loads, path.read_text().splitlines())]
+
+
+def test_rewind_to_a_checkpoint_keeps_its_evaluation_and_forgets_later_steps(tmp_path):
+    config = build_config({}, ["logging.wandb_mode=disabled", "training.steps=6"])
+    monitor = Monitor(config, tmp_path)
+    monitor.log(0, {"eval/cfm": 0.5})  # before any step
+    for step in range(4):  # training rows carry their step's index
+        monitor.log(step, {"train/loss": 1.0})
+        if step + 1 in (2, 4):  # evaluations after 2 and 4 steps
+            monitor.log(step + 1, {"eval/cfm": 0.4})
+    monitor.rewind(2)  # back to the checkpoint saved after 2 steps
+    monitor.close()
+    kept = [(0, True), (0, False), (1, False), (2, True)]
+    assert rows(tmp_path / "metrics.jsonl") == kept
+
+    resumed = Monitor(config, tmp_path, start_step=2, resumed=True)
+    resumed.close()
+    assert rows(tmp_path / "metrics.jsonl") == kept
+
+
+def test_the_progress_bar_counts_steps_trained(tmp_path):
+    monitor = Monitor(build_config({}, ["logging.wandb_mode=disabled", "training.steps=6"]), tmp_path)
+    monitor.log(0, {"eval/cfm": 0.5})
+    assert monitor.progress.tasks[0].completed == 0
+    monitor.log(0, {"train/loss": 1.0})
+    assert monitor.progress.tasks[0].completed == 1
+    monitor.log(1, {"eval/cfm": 0.4})
+    assert monitor.progress.tasks[0].completed == 1
+    monitor.close()
