@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -191,7 +191,7 @@ class CheckpointConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(0, ge=0)
-    """Evaluate every N steps (and at step 0); 0 disables periodic evaluation."""
+    """Evaluate every N steps, at the end, and at step 0 if at_start; 0: no held-out evaluation at all."""
     num_docs: int = Field(8, ge=1)
     """Held-out chunks: a fixed seeded selection spread over as many source files as possible."""
     num_samples: int = Field(16, ge=2)
@@ -295,6 +295,12 @@ class Config(Section):
                 "loss.kl_coef > 0 is an EBFT setting (a KL term on the rollouts); training.method=sft generates no "
                 "rollouts: set loss.kl_coef=0 or training.method=ebft"
             )
+        if self.training.method == "ebft" and s.top_p < 1:
+            raise ValueError(
+                f"sampling.top_p={s.top_p}: the learner's log-probs are those of the whole softmax(logits / "
+                "temperature), so rollouts from a nucleus would bias the policy gradient and the importance ratios; "
+                "set sampling.top_p=1.0 (the paper's setting)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -333,6 +339,8 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         sub = field.annotation
+        if get_origin(sub) is list:  # list[SourceConfig]: keys of its items
+            sub = get_args(sub)[0]
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             keys.extend(_valid_keys(sub, prefix + name + "."))
     return keys
@@ -365,11 +373,17 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] = ()) -
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
-            child = node.get(part)
+        for depth, part in enumerate(path[:-1], start=1):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
             if not isinstance(child, dict):
-                child = {} if child is None else child
-                node[part] = child
+                whole = ".".join(path[:depth])
+                example = "[{path: python_stdlib}]" if isinstance(child, list) else "VALUE"
+                raise ConfigError(
+                    f"override `{text}`: `{whole}` is a {type(child).__name__}, not a section; "
+                    f"set it whole, e.g. {whole}={example}"
+                )
             node = child
         node[path[-1]] = value
     try:

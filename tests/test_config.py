@@ -90,3 +90,24 @@ def test_node_resources_are_custom_and_positive():
         build_config({"resources": {"learner": {"node_resources": {"CPU": 2}}}})
     with pytest.raises(ConfigError, match=r"`resources.features.node_resources`.*> 0"):
         build_config(overrides=['resources.features.node_resources={"trainer_node": 0}'])
+
+
+def test_overrides_into_a_list_or_a_value_say_to_set_it_whole():
+    sources = {"data": {"sources": [{"path": "python_stdlib"}]}}
+    with pytest.raises(ConfigError, match=r"`data.sources` is a list, not a section; set it whole"):
+        build_config(sources, ["data.sources.0.path=other"])
+    with pytest.raises(ConfigError, match=r"`sampling.temperature` is a float, not a section"):
+        build_config({"sampling": {"temperature": 0.6}}, ["sampling.temperature.x=1"])
+
+
+def test_unknown_key_inside_a_list_item_suggests_the_closest():
+    with pytest.raises(
+        ConfigError, match=r"unknown key `data.sources.0.txt_key`; did you mean `data.sources.text_key`"
+    ):
+        build_config({"data": {"sources": [{"path": "python_stdlib", "txt_key": "body"}]}})
+
+
+def test_nucleus_sampling_is_refused_for_ebft_only():
+    with pytest.raises(ConfigError, match=r"sampling.top_p=0.9: .*set sampling.top_p=1.0"):
+        build_config({}, ["sampling.top_p=0.9"])
+    assert build_config({}, ["sampling.top_p=0.9", "training.method=sft"]).sampling.top_p == 0.9

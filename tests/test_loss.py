@@ -102,6 +102,14 @@ def test_policy_loss_weights_and_gradient():
     )
     want = reference_policy_loss(logprobs.detach(), advantages, behavior, stale, 1.5)
     assert math.isclose(terms.policy_loss.item(), want, rel_tol=1e-12)
+    capped = sum(
+        math.exp(logprobs[b, k, t].item() - behavior[b, k, t].item()) > 1.5
+        for b in range(B)
+        if stale[b]
+        for k in range(NB)
+        for t in range(G)
+    )
+    assert 0 < capped and math.isclose(terms.truncated_fraction.item(), capped / (B * NB * G), rel_tol=1e-6)
     assert math.isclose(terms.loss.item(), want + 0.1 * 3.0, rel_tol=1e-12)
     terms.loss.backward()
     # The weight is detached: d loss / d logp = -w * A / (NB * G * B).
@@ -120,8 +128,10 @@ def test_fresh_rollouts_have_importance_weight_exactly_one():
         ce_coef=0.0,
         behavior_logprobs=behavior,
         stale=torch.tensor([False, False]),
+        ratio_truncation=1.0,
     )
     assert terms.importance_weight_mean.item() == 1.0 and terms.importance_weight_max.item() == 1.0
+    assert terms.truncated_fraction.item() == 0.0  # a cap of 1 truncates no fresh token
 
 
 def test_kl_term_is_the_k3_estimator():

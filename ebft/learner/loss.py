@@ -141,9 +141,12 @@ def ebft_loss(
     and stale [B] bool mark rollouts sampled by older weights; ref_logprobs [B, NB, G] for the KL.
     """
     weight = torch.ones_like(logprobs)
+    truncated = torch.zeros_like(logprobs, dtype=torch.bool)
     if behavior_logprobs is not None and stale is not None and bool(stale.any()):
-        ratio = (logprobs.detach() - behavior_logprobs.to(logprobs)).exp().clamp(max=ratio_truncation)
-        weight = torch.where(stale.view(-1, 1, 1).to(logprobs.device), ratio, weight)
+        ratio = (logprobs.detach() - behavior_logprobs.to(logprobs)).exp()
+        is_stale = stale.view(-1, 1, 1).to(logprobs.device)
+        weight = torch.where(is_stale, ratio.clamp(max=ratio_truncation), weight)
+        truncated = is_stale & (ratio > ratio_truncation)
     per_token = weight * advantages.unsqueeze(-1).to(logprobs) * logprobs
     policy_loss = -per_token.flatten(1).mean(-1).mean()
     ce_loss = ce_per_doc.mean()
@@ -160,5 +163,5 @@ def ebft_loss(
         kl=kl.detach(),
         importance_weight_mean=weight.mean(),
         importance_weight_max=weight.max(),
-        truncated_fraction=(weight >= ratio_truncation).float().mean(),
+        truncated_fraction=truncated.float().mean(),
     )
