@@ -143,18 +143,6 @@ def smollm2_path() -> Path:
     return prepare_smollm2()
 
 
-def smollm2_tokenizer():
-    """The SmolLM2 tokenizer, without converting the weights: from the prepared folder if there is
-    one, else straight from the GGUF file (a few seconds). Both give the same tokenizer."""
-    from transformers import AutoTokenizer
-
-    prepared = default_cache_dir() / "models" / SMOLLM2_FOLDER
-    if _is_prepared(prepared):
-        return AutoTokenizer.from_pretrained(prepared)
-    gguf_file = smollm2_gguf_file()
-    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

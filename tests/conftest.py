@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from helpers import make_tiny_llama
+from helpers import make_tiny_llama, smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,6 @@ def tiny_tied_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_with_tokenizer(tmp_path_factory):
     """A random tiny Llama over SmolLM2's real tokenizer, so real text data can be packed for it."""
-    from ebft.model_sources import smollm2_tokenizer
-
     directory = tmp_path_factory.mktemp("tiny-llama-tokenizer")
     tokenizer = smollm2_tokenizer()
     special_tokens = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -9,6 +9,20 @@ from ebft.messages import WeightUpdate
 TINY_VOCAB = 512
 
 
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer without converting the weights: from the prepared folder if there is one, else
+    straight from the bundled GGUF file (a few seconds). Both give the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ebft import model_sources
+
+    prepared = model_sources.default_cache_dir() / "models" / model_sources.SMOLLM2_FOLDER
+    if model_sources._is_prepared(prepared):
+        return AutoTokenizer.from_pretrained(prepared)
+    gguf_file = model_sources.smollm2_gguf_file()
+    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+
 def make_tiny_llama(
     directory,
     *,

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import smollm2_tokenizer
 
 from ebft.config import DataConfig, SourceConfig
 from ebft.data.chunks import (
@@ -27,8 +28,6 @@ from ebft.data.chunks import (
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from ebft.model_sources import smollm2_tokenizer
-
     return smollm2_tokenizer()
 
 

@@ -71,7 +71,6 @@ class StepResult:
     metrics: dict[str, float]
     rollouts: list[RolloutBatch]
     features: list[FeatureBatch]
-    resume_state: dict[str, Any]
 
 
 @dataclass
@@ -169,7 +168,7 @@ class Controller:
         self.trained[work.step] = list(work.chunks.chunk_ids)
         self.step += 1
         self.resume_state = work.resume_state
-        self.on_step(StepResult(work.step, metrics, rollouts, features, work.resume_state))
+        self.on_step(StepResult(work.step, metrics, rollouts, features))
 
     def due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0

@@ -78,7 +78,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def connect_ray(config: Config, address: str | None = None) -> None:
+def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -116,7 +116,7 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns, in every process, that it found no GPU
     inputs = RunInputs.prepare(config, resume)  # everything that can be wrong with the inputs fails here
-    connect_ray(config, address)
+    connect_ray(address)
     with Pools(config, inputs) as pools:
         recorder = RunRecorder(config, inputs, pools)
         controller = Controller(

@@ -75,15 +75,6 @@ class DataReport:
             f"{self.heldout_tokens} held-out tokens -> {self.heldout_chunks} chunks of {self.chunk_length} tokens"
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "usable": dict(self.usable),
-            "heldout": dict(self.heldout),
-            "rejected": {name: dict(counts) for name, counts in self.rejected.items()},
-            "train_chunks": self.train_chunks,
-            "heldout_chunks": self.heldout_chunks,
-        }
-
 
 @dataclass
 class Example:

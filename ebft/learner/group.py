@@ -162,7 +162,6 @@ class LearnerGroup:
             self.shutdown()
             raise
         self.weight_version = 0
-        self.step = 0
 
     def train_step(
         self,
@@ -177,7 +176,7 @@ class LearnerGroup:
         metrics = gather(
             [actor.train_step.remote(r, f, current_version) for actor, (r, f) in zip(self.actors, shards)]
         )[0]
-        self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
+        self.weight_version = int(metrics["train/weight_version"])
         return metrics
 
     def sft_step(self, chunks: list[ChunkBatch], current_version: int) -> dict[str, float]:
@@ -194,7 +193,7 @@ class LearnerGroup:
             for r in range(self.world_size)
         ]
         metrics = gather([actor.sft_step.remote(s, current_version) for actor, s in zip(self.actors, shards)])[0]
-        self.weight_version, self.step = int(metrics["train/weight_version"]), int(metrics["train/step"])
+        self.weight_version = int(metrics["train/weight_version"])
         return metrics
 
     def connect_weight_receivers(self, rollout_actors: Sequence[Any]) -> None:
@@ -217,7 +216,7 @@ class LearnerGroup:
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         extra = gather([actor.load_checkpoint.remote(str(path)) for actor in self.actors])[0]
         state = ray.get(self.actors[0].state.remote())
-        self.weight_version, self.step = state["weight_version"], state["step"]
+        self.weight_version = state["weight_version"]
         return extra
 
     def alive(self) -> bool:
