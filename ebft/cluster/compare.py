@@ -47,24 +47,27 @@ def arm_config(config: Config, method: str) -> Config:
     return Config.model_validate(raw)
 
 
-def load_evaluations(run_dir: Path) -> list[Evaluation]:
-    return [Evaluation.load(path) for path in sorted((run_dir / "evals").glob("step_*.json"))]
+def load_evaluations(run_dir: Path, steps: int) -> list[Evaluation]:
+    """The arm's evaluations up to `steps` (a longer run in the same folder may have more)."""
+    evaluations = [Evaluation.load(path) for path in sorted((run_dir / "evals").glob("step_*.json"))]
+    return [evaluation for evaluation in evaluations if evaluation.step <= steps]
 
 
 def run_arm(config: Config, console: Console, index: int, address: str | None) -> list[Evaluation]:
     from ebft.cluster.report import print_summary
-    from ebft.cluster.train import evaluation_path, run
+    from ebft.cluster.train import check_same_run, evaluation_path, run
     from ebft.learner.checkpoint import latest_checkpoint
 
     run_dir, method = Path(config.training.output_dir), config.training.method.upper()
     steps = config.training.steps
     console.rule(f"compare {index}/{len(ARMS)}: {method}, {steps} steps  ({run_dir})")
     if evaluation_path(run_dir, steps).is_file():
+        check_same_run(run_dir, config)
         console.print(f"{method}: finished earlier in {run_dir}; reusing its evaluations")
-        return load_evaluations(run_dir)
+        return load_evaluations(run_dir, steps)
     resume = run_dir.exists() and latest_checkpoint(run_dir / "checkpoints") is not None
     print_summary(run(config, resume=resume, address=address), console=console)
-    return load_evaluations(run_dir)
+    return load_evaluations(run_dir, steps)
 
 
 def compare(config: Config, *, address: str | None = None, console: Console | None = None) -> dict[str, Any]:

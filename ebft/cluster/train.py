@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 import torch
+import yaml
 
 from ebft.cluster.controller import Controller, RestorePoint, StepResult, timed
 from ebft.cluster.monitor import Monitor
@@ -107,9 +108,50 @@ def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None]:
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it, or set training.output_dir to a new folder"
         )
+    if resume:
+        check_same_run(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     return run_dir, checkpoint
+
+
+# What a continued run may change: how long it trains, and how it runs, logs, evaluates and checkpoints.
+# Everything else defines what is trained (model, data, sampling, features, reward, loss, optimizer, ZeRO stage).
+CONTINUABLE = (
+    *("training.steps", "training.max_restarts", "training.output_dir"),
+    *("learner.micro_batch_docs", "learner.gradient_checkpointing", "learner.offload_optimizer", "learner.attention"),
+    *("resources.", "rollout.", "logging.", "eval.", "checkpoint."),
+)
+
+
+def check_same_run(run_dir: Path, config: Config) -> None:
+    """Refuse to continue the run in `run_dir` with settings that change what it trains (its config.yaml)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, wanted = flatten(yaml.safe_load(saved_path.read_text())), flatten(config.model_dump(mode="json"))
+    changed = [
+        f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}"
+        for key in sorted(saved.keys() | wanted.keys())
+        if saved.get(key) != wanted.get(key) and not key.startswith(CONTINUABLE)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{run_dir} was trained with other settings, which a continued run cannot change:\n  - "
+            + "\n  - ".join(changed)
+            + f"\ncontinue with the run's own settings ({saved_path}) or start a new run in another output_dir"
+        )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def run(config: Config, *, resume: bool = False, address: str | None = None) -> TrainSummary:

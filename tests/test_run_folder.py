@@ -1,12 +1,15 @@
-"""The run's record (metrics.jsonl) when a run goes back to a checkpoint: trained steps are forgotten, the
-evaluation of the checkpoint's weights is kept."""
+"""A run folder across a resume: what a continued run may change, and its record (metrics.jsonl) when a run goes
+back to a checkpoint: trained steps are forgotten, the evaluation of the checkpoint's weights is kept."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from ebft.cluster.monitor import Monitor
-from ebft.config import build_config
+from ebft.cluster.train import check_same_run
+from ebft.config import ConfigError, build_config, dump_config
 
 
 def rows(path):
@@ -40,3 +43,17 @@ def test_the_progress_bar_counts_steps_trained(tmp_path):
     monitor.log(1, {"eval/cfm": 0.4})
     assert monitor.progress.tasks[0].completed == 1
     monitor.close()
+
+
+def test_a_continued_run_may_change_how_long_and_how_it_runs_but_not_what_it_trains(tmp_path):
+    trained = build_config({}, ["sampling.temperature=0.6", "training.steps=10"])
+    (tmp_path / "config.yaml").write_text(dump_config(trained))
+    longer = ["training.steps=20", "resources.learner.threads=2", "logging.wandb_mode=disabled", "eval.every=5"]
+    check_same_run(tmp_path, build_config({}, ["sampling.temperature=0.6", *longer]))
+    other = ["sampling.temperature=1.0", "optim.lr=1e-3", "training.steps=20"]
+    with pytest.raises(ConfigError) as error:
+        check_same_run(tmp_path, build_config({}, other))
+    lines = str(error.value).splitlines()
+    changed = [line for line in lines if line.startswith("  - ")]
+    assert changed == ["  - optim.lr: 1e-06 -> 0.001", "  - sampling.temperature: 0.6 -> 1.0"], lines
+    assert "start a new run in another output_dir" in lines[-1]
