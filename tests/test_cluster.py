@@ -120,7 +120,7 @@ def test_a_failing_evaluation_stops_the_run_with_the_trained_weights_saved(
 def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once(
     local_ray, tiny_model_with_tokenizer, tmp_path
 ):
-    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 4})
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 4}, eval={"every": 10})
     metrics = tmp_path / "run" / "metrics.jsonl"
     handler_before = signal.getsignal(signal.SIGINT)
 
@@ -139,6 +139,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resume_trains_every_chunk_once
 
     second = run(config, resume=True)
     assert second.steps == 4 and not second.stopped_early
+    assert [e.step for e in second.evaluations] == [0, 4]  # its summary compares the base with the end
     trained = first.trained_chunk_ids + second.trained_chunk_ids
     assert sorted(trained) == list(range(8)), trained
 

@@ -57,3 +57,18 @@ def test_a_continued_run_may_change_how_long_and_how_it_runs_but_not_what_it_tra
     changed = [line for line in lines if line.startswith("  - ")]
     assert changed == ["  - optim.lr: 1e-06 -> 0.001", "  - sampling.temperature: 0.6 -> 1.0"], lines
     assert "start a new run in another output_dir" in lines[-1]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    config = build_config({}, ["logging.wandb_mode=offline", "training.steps=6"])
+    first = Monitor(config, tmp_path)
+    first.log(0, {"train/loss": 1.0})
+    first_id = first.wandb.id
+    first.close()
+    resumed = Monitor(config, tmp_path, start_step=1, resumed=True)
+    resumed_id = resumed.wandb.id
+    resumed.close()
+    (tmp_path / "other").mkdir()
+    fresh = Monitor(config, tmp_path / "other")
+    assert resumed_id == first_id != fresh.wandb.id
+    fresh.close()

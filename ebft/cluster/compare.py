@@ -47,15 +47,9 @@ def arm_config(config: Config, method: str) -> Config:
     return Config.model_validate(raw)
 
 
-def load_evaluations(run_dir: Path, steps: int) -> list[Evaluation]:
-    """The arm's evaluations up to `steps` (a longer run in the same folder may have more)."""
-    evaluations = [Evaluation.load(path) for path in sorted((run_dir / "evals").glob("step_*.json"))]
-    return [evaluation for evaluation in evaluations if evaluation.step <= steps]
-
-
 def run_arm(config: Config, console: Console, index: int, address: str | None) -> list[Evaluation]:
     from ebft.cluster.report import print_summary
-    from ebft.cluster.train import check_same_run, evaluation_path, run
+    from ebft.cluster.train import check_same_run, evaluation_path, load_evaluations, run
     from ebft.learner.checkpoint import latest_checkpoint
 
     run_dir, method = Path(config.training.output_dir), config.training.method.upper()

@@ -59,6 +59,7 @@ class Monitor:
             return None
         import wandb
 
+        id_file = self.run_dir / "wandb_run_id"  # W&B continues a run only when told its id
         run = wandb.init(
             project=logging_config.project,
             entity=logging_config.entity,
@@ -66,9 +67,11 @@ class Monitor:
             mode=logging_config.wandb_mode,
             dir=str(self.run_dir),
             config=self.config.model_dump(mode="json"),
+            id=id_file.read_text().strip() if resumed and id_file.is_file() else None,
             resume="allow" if resumed else None,
             settings=wandb.Settings(silent=True),  # its banner is five lines; the one that matters is below
         )
+        id_file.write_text(run.id)
         log.info("W&B (%s): %s", logging_config.wandb_mode, run.url or Path(run.dir).parent)
         run.define_metric("step")
         for prefix in ("train", "eval", "timing", "perf"):

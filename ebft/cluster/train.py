@@ -297,7 +297,8 @@ class RunRecorder:
         self.evaluator = HeldoutEvaluator(config, *heldout)
         self.code_problems = humaneval_problems(config.eval.humaneval_problems) if self.evaluator.enabled else []
         self.saved: list[Path] = []
-        self.evaluations: list[Evaluation] = []
+        # A resumed run's summary compares its end with the evaluations before the resume (the base's included).
+        self.evaluations = load_evaluations(inputs.run_dir, start) if inputs.checkpoint else []
         self.plot: Path | None = None
 
     def on_step(self, result: StepResult) -> None:
@@ -382,6 +383,12 @@ class RunRecorder:
 def evaluation_path(run_dir: Path, step: int) -> Path:
     """Where the evaluation at `step` keeps its per-chunk values."""
     return run_dir / "evals" / f"step_{step:08d}.json"
+
+
+def load_evaluations(run_dir: Path, steps: int) -> list[Evaluation]:
+    """The run's saved evaluations up to `steps` trained (a longer run in the same folder may have more)."""
+    evaluations = [Evaluation.load(path) for path in sorted((run_dir / "evals").glob("step_*.json"))]
+    return [evaluation for evaluation in evaluations if evaluation.step <= steps]
 
 
 @contextmanager
