@@ -303,7 +303,10 @@ def test_ebft_eval_end_to_end_on_smollm2(tmp_path):
         assert max(abs(difference[key]) for key in ("mean", "low", "high")) < 1e-6, (name, difference)
 
 
-def _metrics_file(path, per_chunk_cfm, chunk_ids, groups, feature_model="base-model"):
+MEASURED = {"chunks": "0123abcd", "eval.seed": 0, "eval.num_samples": 16, "sampling": [8, 8, 8, 0.6]}
+
+
+def _metrics_file(path, per_chunk_cfm, chunk_ids, groups, feature_model="base-model", measured=MEASURED):
     """A metrics JSON as `ebft eval` writes it, with only the held-out CFM per chunk."""
     record = {
         "model": "m",
@@ -312,6 +315,7 @@ def _metrics_file(path, per_chunk_cfm, chunk_ids, groups, feature_model="base-mo
         "chunk_ids": chunk_ids,
         "groups": groups,
         "per_chunk": {"eval/cfm": per_chunk_cfm},
+        "measured": measured,
     }
     path.write_text(json.dumps(record))
     return str(path)
@@ -333,9 +337,16 @@ def test_two_earlier_evaluations_are_paired_chunk_by_chunk(tmp_path, capsys):
     # Different chunks, another feature network, no baseline or not a metrics file: clear errors, nothing paired.
     other_chunks = _metrics_file(tmp_path / "c.eval.json", before, [i + 100 for i in ids], groups)
     other_features = _metrics_file(tmp_path / "d.eval.json", before, ids, groups, feature_model="other-model")
+    # The same chunk positions over other tokens (e.g. another data.chunk_length), or sampled another way.
+    other_tokens = _metrics_file(tmp_path / "e.eval.json", before, ids, groups, measured={**MEASURED, "chunks": "f"})
+    fewer_samples = _metrics_file(
+        tmp_path / "f.eval.json", before, ids, groups, measured={**MEASURED, "eval.num_samples": 4}
+    )
     (tmp_path / "not_metrics.json").write_text("{}")
     for baseline, message in [
         (other_chunks, "different held-out chunks"),
+        (other_tokens, "different held-out chunks"),
+        (fewer_samples, "measured the held-out chunks differently (eval.num_samples 16 vs 4)"),
         (other_features, "different feature spaces"),
         (str(tmp_path / "not_metrics.json"), "is not an evaluation"),
     ]:

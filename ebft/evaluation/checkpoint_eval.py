@@ -216,6 +216,7 @@ def write_metrics(
         "chunk_ids": evaluation.chunk_ids,
         "groups": evaluation.groups,
         "per_chunk": evaluation.per_chunk,
+        "measured": evaluation.measured,
         "config": config.model_dump(mode="json"),
     }
     if against is not None:
@@ -241,11 +242,12 @@ def read_metrics(path: str | Path) -> tuple[Evaluation, str | None]:
         ) from None
 
 
-def load_baseline(path: str | Path, chunk_ids: list[int], feature_model: str | None) -> Evaluation:
-    """The evaluation in `path`, checked to pair with one on `chunk_ids` measured with `feature_model`."""
+def load_baseline(path: str | Path, this: Evaluation | HeldoutEvaluator, feature_model: str | None) -> Evaluation:
+    """The evaluation in `path`, checked to pair with `this` (an evaluation, or the one about to run) measured
+    with `feature_model`."""
     baseline, baseline_feature_model = read_metrics(path)
     try:
-        check_same_chunks(chunk_ids, baseline.chunk_ids)
+        check_same_chunks(this, baseline)
     except ValueError as error:
         raise ConfigError(f"{path}: {error}") from None
     known = feature_model is not None and baseline_feature_model is not None
@@ -282,9 +284,7 @@ def print_differences(
 def compare_metrics_files(after_path: str | Path, baseline_path: str | Path) -> dict[str, Difference]:
     """`ebft eval A.eval.json --against B.eval.json`: pair two earlier evaluations without evaluating again."""
     evaluation, feature_model = read_metrics(after_path)
-    return print_differences(
-        evaluation, load_baseline(baseline_path, evaluation.chunk_ids, feature_model), baseline_path
-    )
+    return print_differences(evaluation, load_baseline(baseline_path, evaluation, feature_model), baseline_path)
 
 
 def _as_record(differences: dict[str, Difference], baseline_path: str | Path) -> dict:
@@ -381,9 +381,7 @@ def run(
         with stages.stage("held-out chunks"):
             evaluator = HeldoutEvaluator(config, *_load_heldout(plan, config))
         # A baseline that cannot be paired fails now, not after the evaluation.
-        baseline = (
-            None if against is None else load_baseline(against, evaluator.chunks.chunk_ids, plan.feature_model_path)
-        )
+        baseline = None if against is None else load_baseline(against, evaluator, plan.feature_model_path)
         rollouts, generation_metrics = _sample_with_engine(plan, config, evaluator, problems, stages)
 
         def cached_rollouts(chunks: ChunkBatch, num_samples: int) -> RolloutBatch:

@@ -13,12 +13,14 @@ and keeps its per-chunk values, so two evaluations are compared chunk by chunk
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +46,8 @@ class Evaluation:
     groups: list[int]
     """The source example (file) each chunk starts in: the bootstrap's resampling unit."""
     per_chunk: dict[str, list[float]]
+    measured: dict[str, Any] = field(default_factory=dict)
+    """What the values measure (`measurement`): two evaluations pair only if these agree (empty in older files)."""
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +64,21 @@ class Evaluation:
     def from_record(cls, record: dict) -> Evaluation:
         """From a saved evaluation, or the metrics JSON of `ebft eval` (which has no step, and more keys)."""
         fields = {name: record[name] for name in ("metrics", "chunk_ids", "groups", "per_chunk")}
-        return cls(step=record.get("step", 0), **fields)
+        return cls(step=record.get("step", 0), measured=record.get("measured", {}), **fields)
+
+
+def measurement(config: Config, chunks: ChunkBatch) -> dict[str, Any]:
+    """The chunks (a digest of their tokens) and the settings that define the held-out values: evaluations that
+    differ in any of these measure different things and are not paired."""
+    s = config.sampling
+    return {
+        "chunks": hashlib.sha256(chunks.tokens.to(torch.int64).numpy().tobytes()).hexdigest()[:16],
+        "eval.seed": config.eval.seed,
+        "eval.num_samples": config.eval.num_samples,
+        "sampling": [s.context_length, s.stride, s.block_length, s.temperature],
+        "features": [list(config.features.layer_fractions), config.features.pooling],
+        "reward.whitening": config.reward.whitening,
+    }
 
 
 def feature_metrics(config: Config, features: FeatureBatch) -> dict[str, torch.Tensor]:
@@ -82,6 +100,11 @@ class HeldoutEvaluator:
         if heldout is not None:
             self.chunks = ChunkBatch(heldout.chunk_ids, heldout.tokens, EVAL_SEED_STEP + config.eval.seed)
         self.groups = list(groups) if groups is not None else list(range(len(heldout.chunk_ids) if heldout else 0))
+        self.measured = measurement(config, self.chunks) if self.chunks is not None else {}
+
+    @property
+    def chunk_ids(self) -> list[int]:
+        return list(self.chunks.chunk_ids) if self.chunks is not None else []
 
     @property
     def enabled(self) -> bool:
@@ -106,20 +129,32 @@ class HeldoutEvaluator:
             chunk_ids=list(self.chunks.chunk_ids),
             groups=self.groups,
             per_chunk={name: values.tolist() for name, values in per_chunk.items() if name in PAIRED_METRICS},
+            measured=self.measured,
         )
 
 
-def check_same_chunks(chunk_ids: list[int], other_chunk_ids: list[int]) -> None:
-    if list(chunk_ids) != list(other_chunk_ids):
+def check_same_chunks(this: Evaluation | HeldoutEvaluator, other: Evaluation) -> None:
+    """Two evaluations pair chunk by chunk only on the same chunks, sampled and embedded the same way."""
+    if list(this.chunk_ids) != list(other.chunk_ids) or (
+        this.measured and other.measured and this.measured["chunks"] != other.measured["chunks"]
+    ):
         raise ValueError(
             "the two evaluations were run on different held-out chunks; compare runs with the same data, "
-            "data.heldout_fraction, eval.num_docs and eval.seed"
+            "data.chunk_length, data.heldout_fraction, eval.num_docs and eval.seed"
         )
+    if this.measured and other.measured:
+        differ = [
+            f"{key} {this.measured[key]} vs {other.measured.get(key)}"
+            for key in this.measured
+            if this.measured[key] != other.measured.get(key)
+        ]
+        if differ:
+            raise ValueError(f"the two evaluations measured the held-out chunks differently ({'; '.join(differ)})")
 
 
 def paired_differences(after: Evaluation, before: Evaluation) -> dict[str, Difference]:
     """after - before for every per-chunk metric, with a 95% bootstrap interval over source files."""
-    check_same_chunks(after.chunk_ids, before.chunk_ids)
+    check_same_chunks(after, before)
     return {
         name: paired_difference(after.per_chunk[name], before.per_chunk[name], after.groups)
         for name in PAIRED_METRICS
