@@ -98,6 +98,31 @@ def test_resume_with_max_staleness_0_reproduces_the_straight_run(
             assert rows_b[step][key] == pytest.approx(rows_a[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
+@pytest.mark.parametrize("pool", ["rollout", "features"])
+def test_an_actor_that_dies_during_an_evaluation_is_replaced_and_the_evaluation_redone(
+    local_ray, tiny_model_with_tokenizer, tmp_path, monkeypatch, pool
+):
+    import psutil
+
+    from ebft.cluster.train import RunRecorder
+
+    evaluate, killed = RunRecorder.evaluate, []
+
+    def killing_first(recorder, step):
+        if not killed:  # SIGKILL the pool's actor (as the OOM killer would) just before the first evaluation
+            actor = getattr(recorder.pools, pool)[0]
+            process = psutil.Process(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
+            process.kill()
+            process.wait(timeout=30)
+            killed.append(step)
+        return evaluate(recorder, step)
+
+    monkeypatch.setattr(RunRecorder, "evaluate", killing_first)
+    summary = run(tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training={"steps": 2}, eval={"every": 2}))
+    assert killed == [0] and summary.restarts == 1
+    assert [evaluation.step for evaluation in summary.evaluations] == [0, 2]
+
+
 def test_a_failing_evaluation_stops_the_run_with_the_trained_weights_saved(
     local_ray, tiny_model_with_tokenizer, tmp_path, monkeypatch
 ):

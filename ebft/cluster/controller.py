@@ -36,7 +36,7 @@ from typing import Any
 
 import ray
 
-from ebft.cluster.pools import ActorPool, is_actor_failure
+from ebft.cluster.pools import ActorPool, failed_actor_id, is_actor_failure
 from ebft.config import Config
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
@@ -176,15 +176,19 @@ class Controller:
     def evaluate_now(self) -> None:
         if self.evaluate is None:
             return
-        self.sync_weights()
-        self.confirm_push()  # the evaluation's generations must see these weights
-        try:
-            self.evaluate(self.step)
-        except Exception:
-            if self.restore_point.step != self.step and self.learner.alive():
-                log.error("the evaluation at step %d failed; saving the weights trained so far first", self.step)
-                self.save_now()
-            raise
+        for attempt in range(2):
+            self.sync_weights()
+            self.confirm_push()  # the evaluation's generations must see these weights
+            try:
+                self.evaluate(self.step)
+                return
+            except Exception as error:
+                if attempt == 0 and self.replace_failed_actor(error):
+                    continue  # evaluated again from the start, on the replacement
+                if self.restore_point.step != self.step and self.learner.alive():
+                    log.error("the evaluation at step %d failed; saving the weights trained so far first", self.step)
+                    self.save_now()
+                raise
 
     def save_now(self) -> None:
         if self.save is not None:
@@ -265,7 +269,7 @@ class Controller:
                 except Exception as error:
                     if not is_actor_failure(error):
                         raise
-                    self.replace_rollout_actor(shard, error)
+                    self.replace_rollout_actor(shard.rollout_actor, shard.rollout_handle, error)
                     read_error(shard.features)  # never ran: its rollout was lost with the actor
                     self.generate(shard)
                     continue
@@ -311,8 +315,20 @@ class Controller:
             if not is_actor_failure(error):
                 raise
 
-    def replace_rollout_actor(self, shard: Shard, error: Exception) -> None:
-        if not self.rollout_pool.replace(shard.rollout_actor, shard.rollout_handle, error):
+    def replace_failed_actor(self, error: Exception) -> bool:
+        """Replace the rollout actor or feature worker whose death `error` reports; False if it is none of theirs."""
+        actor_id = failed_actor_id(error) if is_actor_failure(error) else None
+        if (index := self.rollout_pool.index_of(actor_id)) is not None:
+            self.replace_rollout_actor(index, self.rollout_pool[index], error)
+            return True
+        if (index := self.feature_pool.index_of(actor_id)) is not None:
+            if self.feature_pool.replace(index, self.feature_pool[index], error):
+                self.restarts += 1
+            return True
+        return False
+
+    def replace_rollout_actor(self, index: int, failed: Any, error: Exception) -> None:
+        if not self.rollout_pool.replace(index, failed, error):
             return
         self.restarts += 1
         self.learner.connect_weight_receivers(list(self.rollout_pool))

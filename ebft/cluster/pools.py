@@ -27,6 +27,16 @@ def is_actor_failure(error: BaseException) -> bool:
     return cause is not None and cause is not error and is_actor_failure(cause)
 
 
+def failed_actor_id(error: BaseException | None) -> str | None:
+    """The id (hex) of the actor whose death `error` reports, directly or as the cause of a task's error."""
+    while error is not None:
+        if isinstance(error, RayActorError) and error.actor_id:
+            return error.actor_id
+        cause = getattr(error, "cause", None)
+        error = cause if cause is not error else None
+    return None
+
+
 class ActorPool:
     """`create(index)` makes the actor for slot `index` (placed in bundle `index` of the pool's group)."""
 
@@ -44,6 +54,10 @@ class ActorPool:
 
     def __iter__(self):
         return iter(self.actors)
+
+    def index_of(self, actor_id: str | None) -> int | None:
+        """The slot of the actor with this id (hex), if it is one of this pool's."""
+        return next((i for i, actor in enumerate(self.actors) if actor._actor_id.hex() == actor_id), None)
 
     def replace(self, index: int, failed: Any, error: BaseException) -> bool:
         """Replace actor `index` if it is still the `failed` handle; False if it was replaced already.
