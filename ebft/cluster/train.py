@@ -111,6 +111,12 @@ def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None]:
         )
     if resume:
         check_same_run(run_dir, config)
+        trained = _read_start(checkpoint)["step"]
+        if trained > config.training.steps:
+            raise ConfigError(
+                f"{run_dir} has trained {trained} steps, more than training.steps={config.training.steps}; "
+                f"set training.steps >= {trained} to continue it, or use another training.output_dir"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     return run_dir, checkpoint
