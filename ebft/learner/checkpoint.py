@@ -131,8 +131,8 @@ def write_trainer_state(
 
 
 def read_extra_state(path: str | Path) -> dict[str, Any]:
-    # Our own file, written by write_trainer_state; it may hold arbitrary picklable data-loader state.
-    return torch.load(Path(path) / EXTRA_STATE, weights_only=False)
+    """The caller's state (plain values: the data position), read without unpickling arbitrary objects."""
+    return torch.load(Path(path) / EXTRA_STATE, weights_only=True)
 
 
 def rng_file(directory: Path, rank: int) -> Path:
@@ -140,15 +140,22 @@ def rng_file(directory: Path, rank: int) -> Path:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so it loads with `weights_only=True`."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def load_rng_state(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete, resume from an earlier one")
+    state = torch.load(path, weights_only=True)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

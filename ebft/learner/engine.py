@@ -308,9 +308,7 @@ class LearnerRank:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the optimizer state under {path / ckpt.DEEPSPEED_DIR}")
         self.step, self.weight_version = trainer_state["step"], trainer_state["weight_version"]
-        rng = ckpt.rng_file(path, self.rank)
-        if rng.is_file():
-            ckpt.restore_rng_state(torch.load(rng, weights_only=False))
+        ckpt.load_rng_state(ckpt.rng_file(path, self.rank))
         return ckpt.read_extra_state(path)
 
     def close(self) -> None:
