@@ -14,6 +14,7 @@ once (samples = 1 is the authors' layout, one sequence per (document, sample)).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -29,6 +30,9 @@ class BlockPlan:
     samples: int = 1  # rollouts of every block packed behind one copy of the document
 
     def __post_init__(self) -> None:
+        lengths = {"C": self.context_length, "s": self.stride, "G": self.block_length, "samples": self.samples}
+        if any(value < 1 for value in lengths.values()):
+            raise ValueError(f"C, s, G and samples must all be >= 1, got {lengths}")
         span = self.chunk_length - self.block_length - self.context_length
         if span < 0 or span % self.stride:
             raise ValueError(
@@ -54,18 +58,14 @@ class BlockPlan:
         """[NB] length of block k's prompt, C + k*s (= the doc index of its first ground-truth token)."""
         return self.context_length + self.stride * torch.arange(self.num_blocks)
 
-    def prompts(self, doc: torch.Tensor) -> list[torch.Tensor]:
-        """The NB nested prefixes doc[:C + k*s] of one chunk."""
+    def prompts(self, doc: Sequence[int]) -> list[Sequence[int]]:
+        """The NB nested prefixes doc[:C + k*s] of one chunk (a list or a tensor)."""
         return [doc[:n] for n in self.prefix_lengths.tolist()]
 
     @cached_property
     def window_indices(self) -> torch.Tensor:
         """[NB, G] doc indices of each block's ground-truth window."""
         return self.prefix_lengths[:, None] + torch.arange(self.block_length)[None, :]
-
-    def ground_truth(self, docs: torch.Tensor) -> torch.Tensor:
-        """[..., T] -> [..., NB, G] ground-truth continuation of every block."""
-        return docs[..., self.window_indices]
 
     # ------------------------------------------------------------------ packed layout
 

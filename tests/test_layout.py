@@ -12,13 +12,15 @@ def test_block_plan_geometry_matches_the_method():
     assert plan.num_blocks == 127
     doc = torch.arange(1024)
     prompts = plan.prompts(doc)
-    gt = plan.ground_truth(doc)
+    gt = doc[plan.window_indices]
     for k in range(plan.num_blocks):
         assert torch.equal(prompts[k], doc[: 8 + 8 * k])
         assert torch.equal(gt[k], doc[8 + 8 * k : 16 + 8 * k])
     assert BlockPlan(1024, 4, 2, 4).num_blocks == 509
     with pytest.raises(ValueError, match="multiple of s"):
         BlockPlan(1023, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"must all be >= 1.*'C': 0"):
+        BlockPlan(1024, 0, 8, 8)  # block 0 would have no prompt token to predict it from
 
 
 @pytest.mark.parametrize("samples", [1, 2])

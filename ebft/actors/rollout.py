@@ -178,11 +178,10 @@ class RolloutWorker:
         if len(chunks.chunk_ids) != docs.shape[0]:
             raise ValueError(f"{len(chunks.chunk_ids)} chunk ids for {docs.shape[0]} chunks")
         started = time.perf_counter()
-        prefix_lengths = plan.prefix_lengths.tolist()
         prompts, params = [], []
         for chunk_id, doc in zip(chunks.chunk_ids, docs.tolist()):
-            for block, length in enumerate(prefix_lengths):
-                prompts.append(TokensPrompt(prompt_token_ids=doc[:length]))
+            for block, prompt in enumerate(plan.prompts(doc)):
+                prompts.append(TokensPrompt(prompt_token_ids=prompt))
                 seed = block_seed(self.config.training.seed, chunks.step, chunk_id, block)
                 params.append(self._block_params(seed, n))
         with all_cores(alone and not self.on_gpu):
@@ -194,12 +193,15 @@ class RolloutWorker:
         versions: set[str] = set()
         for index, output in enumerate(outputs):
             doc, block = divmod(index, NB)
-            if len(output.outputs) != n:
-                raise RuntimeError(f"vLLM returned {len(output.outputs)} samples for a block, expected {n}")
+            if sorted(sample.index for sample in output.outputs) != list(range(n)):
+                indices = [sample.index for sample in output.outputs]
+                raise RuntimeError(f"vLLM returned samples {indices} for a block, expected each of 0..{n - 1} once")
             for sample in output.outputs:
                 ids = list(sample.token_ids)
                 if len(ids) != G:
                     raise RuntimeError(f"vLLM returned {len(ids)} tokens for a block, expected exactly G={G}")
+                if not sample.weight_versions:
+                    raise RuntimeError("vLLM labelled a sample with no weight version: which weights sampled it?")
                 tokens[doc, sample.index, block] = torch.tensor(ids)
                 logprobs[doc, sample.index, block] = torch.tensor(
                     [position[token].logprob for position, token in zip(sample.logprobs, ids)]
