@@ -4,6 +4,7 @@
 (a) compute_rewards: one Gram product + batched n x n eigendecompositions;
 (b) per group: SVD of the n x D rollout matrix, then per-sample Python loops (authors' style);
 (c) the floor: one batched Gram product over the same features (reading the inputs once).
+The features reach (a) and (b) in the layout training gives compute_rewards.
 """
 
 import argparse
@@ -43,11 +44,14 @@ def main():
     parser.add_argument("--dim", type=int, default=4608)
     args = parser.parse_args()
     torch.manual_seed(0)
-    X = torch.nn.functional.normalize(torch.randn(args.docs, args.blocks, args.samples, args.dim), dim=-1)
+    # Laid out as training hands them over: feature workers return [docs, n, NB, D], the learner passes a
+    # transposed (non-contiguous) view [docs, NB, n, D] (ebft/learner/batches.py).
+    features = torch.nn.functional.normalize(torch.randn(args.docs, args.samples, args.blocks, args.dim), dim=-1)
+    X = features.transpose(1, 2)
     y = torch.nn.functional.normalize(torch.randn(args.docs, args.blocks, args.dim), dim=-1)
 
     kernel = best_time(lambda: compute_rewards(X, y, RewardConfig(diversity_coef=1.0, whitening="sample")))
-    flat = X.flatten(0, 1)
+    flat = X.flatten(0, 1)  # a contiguous copy: the floor reads the features once in the layout it wants
     gram = best_time(lambda: torch.bmm(flat, flat.transpose(1, 2)))
     start = time.perf_counter()
     reference = per_group_rewards(X, y)
