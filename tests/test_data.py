@@ -196,6 +196,27 @@ def test_bad_rows_are_counted_by_reason_and_logged(tmp_path, tokenizer, caplog):
     assert any(str(folder) in r.message and "undecodable=2" in r.message for r in caplog.records)
 
 
+def test_a_file_that_fails_halfway_is_not_half_used(tmp_path, tokenizer, monkeypatch):
+    from ebft.data import sources
+
+    def rows_then_a_read_error(path, key_prefix):
+        yield f"{key_prefix}:0", {"text": "a good first row"}, None
+        raise OSError("the disk went away")
+
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "a row from another file"}])
+    write_jsonl(tmp_path / "failing.jsonl", [{"text": "never read"}])
+    real_rows = sources._jsonl_rows
+    monkeypatch.setattr(
+        sources,
+        "_jsonl_rows",
+        lambda path, key: (rows_then_a_read_error if "failing" in str(path) else real_rows)(path, key),
+    )
+    config = DataConfig(sources=[SourceConfig(path=str(tmp_path))], chunk_length=4, heldout_fraction=0.0)
+    data = prepare_data(config, tokenizer, progress=False)
+    assert dict(data.report.rejected[str(tmp_path)]) == {"unreadable_file": 1}
+    assert data.report.usable[str(tmp_path)] == 1, f"only {good.name}'s row"
+
+
 def test_source_without_usable_rows_names_source_and_reasons(tmp_path, tokenizer):
     source = write_jsonl(tmp_path / "bad.jsonl", [{"title": "x"}, {"title": "y"}, {"text": ""}])
     config = DataConfig(sources=[SourceConfig(path=str(source))], chunk_length=4)

@@ -150,35 +150,43 @@ def _parquet_rows(path: Path, key_prefix: str, columns: list[str]) -> Iterator[t
 
 
 def _file_examples(path: Path, key: str, file_format: str, source: SourceConfig, label: str, report: DataReport):
-    """Examples of one file; rejected rows are counted in `report`. Unreadable files count once."""
+    """Examples of one file; rejected rows are counted in `report`. An unreadable file counts once, and none of
+    its rows are used (a file that fails halfway is not half used)."""
     try:
-        if file_format == "text":
-            if source.question_key:
-                report.reject(label, "missing_key")  # a plain text file has no question/answer fields
-                return
-            text, reason = _text_value(path.read_bytes())
-            if reason:
-                report.reject(label, reason)
-            else:
-                yield Example(key, text)
-            return
-        if file_format == "jsonl":
-            rows = _jsonl_rows(path, key)
-        else:
-            columns = [source.question_key, source.answer_key] if source.question_key else [source.text_key]
-            rows = _parquet_rows(path, key, columns)
-        for row_key, row, reason in rows:
-            example, reason = (None, reason) if reason else _row_to_example(row_key, row, source)
-            if reason:
-                report.reject(label, reason)
-            else:
-                yield example
+        examples, rejected = _read_file(path, key, file_format, source)
     except OSError as error:
         logger.warning("%s: cannot read %s (%s)", label, path, error)
         report.reject(label, "unreadable_file")
+        return
     except Exception as error:  # a corrupt parquet file raises pyarrow's own errors
         logger.warning("%s: cannot read %s (%s: %s)", label, path, type(error).__name__, error)
         report.reject(label, "unreadable_file")
+        return
+    for reason in rejected:
+        report.reject(label, reason)
+    yield from examples
+
+
+def _read_file(path: Path, key: str, file_format: str, source: SourceConfig) -> tuple[list[Example], list[str]]:
+    """A whole file's examples and the reasons its other rows were rejected."""
+    if file_format == "text":
+        if source.question_key:
+            return [], ["missing_key"]  # a plain text file has no question/answer fields
+        text, reason = _text_value(path.read_bytes())
+        return ([], [reason]) if reason else ([Example(key, text)], [])
+    if file_format == "jsonl":
+        rows = _jsonl_rows(path, key)
+    else:
+        columns = [source.question_key, source.answer_key] if source.question_key else [source.text_key]
+        rows = _parquet_rows(path, key, columns)
+    examples, rejected = [], []
+    for row_key, row, reason in rows:
+        example, reason = (None, reason) if reason else _row_to_example(row_key, row, source)
+        if reason:
+            rejected.append(reason)
+        else:
+            examples.append(example)
+    return examples, rejected
 
 
 def _walk_files(root: Path, skipped_dirs: set[str], suffixes: Iterable[str] | None = None) -> list[Path]:
