@@ -106,3 +106,14 @@ def test_resume_refuses_fewer_steps_than_the_run_trained(tmp_path):
         ConfigError, match=r"has trained 20 steps, more than training.steps=10; set training.steps >= 20"
     ):
         prepare_run_dir(build_config({}, ["training.steps=10", f"training.output_dir={tmp_path}"]), True)
+
+
+def test_settings_added_since_a_run_started_take_their_defaults_on_resume(tmp_path):
+    import yaml
+
+    trained = yaml.safe_load(dump_config(build_config({})))
+    del trained["loss"]["kl_coef"]  # as if the run started before ebft had this setting
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(trained))
+    check_same_run(tmp_path, build_config({}))
+    with pytest.raises(ConfigError, match=r"loss.kl_coef: 0.0 -> 0.1"):
+        check_same_run(tmp_path, build_config({}, ["loss.kl_coef=0.1"]))

@@ -22,7 +22,7 @@ from ebft.cluster.controller import Controller, RestorePoint, StepResult, timed
 from ebft.cluster.monitor import Monitor
 from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
-from ebft.config import Config, ConfigError, dump_config
+from ebft.config import Config, ConfigError, build_config, dump_config
 from ebft.evaluation.code import humaneval_path
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
 from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
@@ -136,7 +136,12 @@ def check_same_run(run_dir: Path, config: Config) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    saved, wanted = flatten(yaml.safe_load(saved_path.read_text())), flatten(config.model_dump(mode="json"))
+    saved_raw = yaml.safe_load(saved_path.read_text())
+    try:  # settings added to ebft since the run started take their defaults
+        saved_raw = build_config(saved_raw).model_dump(mode="json")
+    except ConfigError:
+        pass  # a setting no longer accepted: compare what the file says
+    saved, wanted = flatten(saved_raw), flatten(config.model_dump(mode="json"))
     changed = [
         f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}"
         for key in sorted(saved.keys() | wanted.keys())
