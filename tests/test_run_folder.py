@@ -98,9 +98,9 @@ def test_resume_refuses_fewer_steps_than_the_run_trained(tmp_path):
     checkpoint = checkpoint_path(tmp_path / "checkpoints", 20)
     checkpoint.mkdir(parents=True)
     (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 20, "weight_version": 20}))
-    assert (
-        prepare_run_dir(build_config({}, ["training.steps=30", f"training.output_dir={tmp_path}"]), True)[1]
-        == checkpoint
+    assert prepare_run_dir(build_config({}, ["training.steps=30", f"training.output_dir={tmp_path}"]), True)[1:] == (
+        checkpoint,
+        {"step": 20, "version": 20},
     )
     with pytest.raises(
         ConfigError, match=r"has trained 20 steps, more than training.steps=10; set training.steps >= 20"

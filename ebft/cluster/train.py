@@ -98,7 +98,8 @@ def connect_ray(address: str | None = None) -> None:
         )
 
 
-def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None]:
+def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None, dict[str, int]]:
+    """The run folder, the checkpoint to resume (None: a new run) and the step and weight version it starts at."""
     from ebft.learner.checkpoint import latest_checkpoint
 
     run_dir = Path(config.training.output_dir)
@@ -109,17 +110,17 @@ def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None]:
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it, or set training.output_dir to a new folder"
         )
+    start = _read_start(checkpoint)
     if resume:
         check_same_run(run_dir, config)
-        trained = _read_start(checkpoint)["step"]
-        if trained > config.training.steps:
+        if start["step"] > config.training.steps:
             raise ConfigError(
-                f"{run_dir} has trained {trained} steps, more than training.steps={config.training.steps}; "
-                f"set training.steps >= {trained} to continue it, or use another training.output_dir"
+                f"{run_dir} has trained {start['step']} steps, more than training.steps={config.training.steps}; "
+                f"set training.steps >= {start['step']} to continue it, or use another training.output_dir"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
-    return run_dir, checkpoint
+    return run_dir, checkpoint, start
 
 
 # What a continued run may change: how long it trains, and how it runs, logs, evaluates and checkpoints.
@@ -218,12 +219,12 @@ class RunInputs:
         policy_path, feature_path = resolve_run_models(config)
         if config.eval.every and config.eval.humaneval_problems:
             humaneval_path()  # the package is there
-        run_dir, checkpoint = prepare_run_dir(config, resume)
+        run_dir, checkpoint, start = prepare_run_dir(config, resume)
         seed_everything(config.training.seed)
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
         data = prepare_data(config.data, tokenizer)
         stream = data.stream(seed=config.training.seed, shuffle=config.data.shuffle)
-        return cls(policy_path, feature_path, run_dir, checkpoint, _read_start(checkpoint), tokenizer, data, stream)
+        return cls(policy_path, feature_path, run_dir, checkpoint, start, tokenizer, data, stream)
 
 
 class Pools:

@@ -154,11 +154,7 @@ def _file_examples(path: Path, key: str, file_format: str, source: SourceConfig,
     its rows are used (a file that fails halfway is not half used)."""
     try:
         examples, rejected = _read_file(path, key, file_format, source)
-    except OSError as error:
-        logger.warning("%s: cannot read %s (%s)", label, path, error)
-        report.reject(label, "unreadable_file")
-        return
-    except Exception as error:  # a corrupt parquet file raises pyarrow's own errors
+    except Exception as error:  # OSError, or pyarrow's own errors for a corrupt parquet file
         logger.warning("%s: cannot read %s (%s: %s)", label, path, type(error).__name__, error)
         report.reject(label, "unreadable_file")
         return

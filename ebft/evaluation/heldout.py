@@ -126,7 +126,7 @@ class HeldoutEvaluator:
         return Evaluation(
             step=step,
             metrics=metrics,
-            chunk_ids=list(self.chunks.chunk_ids),
+            chunk_ids=self.chunk_ids,
             groups=self.groups,
             per_chunk={name: values.tolist() for name, values in per_chunk.items() if name in PAIRED_METRICS},
             measured=self.measured,
@@ -135,18 +135,17 @@ class HeldoutEvaluator:
 
 def check_same_chunks(this: Evaluation | HeldoutEvaluator, other: Evaluation) -> None:
     """Two evaluations pair chunk by chunk only on the same chunks, sampled and embedded the same way."""
-    if list(this.chunk_ids) != list(other.chunk_ids) or (
-        this.measured and other.measured and this.measured["chunks"] != other.measured["chunks"]
-    ):
+    both = bool(this.measured and other.measured)  # older files do not say what they measured
+    if list(this.chunk_ids) != list(other.chunk_ids) or both and this.measured["chunks"] != other.measured["chunks"]:
         raise ValueError(
             "the two evaluations were run on different held-out chunks; compare runs with the same data, "
             "data.chunk_length, data.heldout_fraction, eval.num_docs and eval.seed"
         )
-    if this.measured and other.measured:
+    if both:
         differ = [
-            f"{key} {this.measured[key]} vs {other.measured.get(key)}"
-            for key in this.measured
-            if this.measured[key] != other.measured.get(key)
+            f"{key} {value} vs {other.measured.get(key)}"
+            for key, value in this.measured.items()
+            if key != "chunks" and value != other.measured.get(key)
         ]
         if differ:
             raise ValueError(f"the two evaluations measured the held-out chunks differently ({'; '.join(differ)})")
