@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 OBJECT_STORE = "object_store"
 NCCL = "nccl"
+GLOO = "gloo"
+BROADCAST_TRANSPORTS = (NCCL, GLOO)
+"""vLLM's weight-transfer protocol (init, start, update, finish) with a broadcast from the learner's rank 0."""
 
 
 class ConfigError(ValueError):
@@ -120,6 +123,11 @@ class PoolResources(Section):
     def on_gpu(self) -> bool:
         return self.gpus_per_actor > 0
 
+    @property
+    def whole_gpus(self) -> bool:
+        """One or more whole GPUs per actor (not a share of one)."""
+        return self.gpus_per_actor >= 1 and float(self.gpus_per_actor).is_integer()
+
     @field_validator("node_resources")
     @classmethod
     def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
@@ -141,8 +149,21 @@ class RolloutConfig(Section):
     kv_cache_gib: float = Field(1.0, gt=0.0)
     """KV-cache bound of each vLLM engine (always set: an unbounded CPU engine takes ~10 GB)."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
-    weight_transport: Literal["auto", "object_store", "nccl"] = "auto"
-    """`auto`: NCCL when the pools have GPUs, else the weights' bytes through the Ray object store."""
+    weight_transport: Literal["auto", "object_store", "nccl", "gloo"] = "auto"
+    """`auto`: NCCL when the rollout and learner pools have whole GPUs each, else the weights' bytes through the Ray
+    object store (CPU pools, or pools sharing a GPU). `gloo`: vLLM's weight-transfer protocol, as NCCL runs it, over
+    gloo between CPU pools."""
+    weight_buffer_mib: float = Field(1024.0, gt=0.0)
+    """Broadcast transports: the weights travel packed in buffers of about this size (vLLM's default)."""
+    weight_sync_timeout_s: float = Field(600.0, gt=0.0)
+    """Bound of every wait in a weight push (receivers entering it, the broadcast, their acknowledgment): a rollout
+    actor that does not answer within it is replaced, and one whose learner died mid-push gives up and takes the
+    restarted learner's connection. An actor takes a push after the generation it is busy with, so keep it well
+    above one generate call of a shard (seconds on GPUs, ~5-60 s in the CPU demos)."""
+    batch_invariant: bool = False
+    """GPU rollout pools: vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1), so that a seeded sample does not
+    depend on what else the engine batched with it and a resumed run or an evaluation samples the same tokens on
+    GPUs too (README "Reproducibility"); slower matmuls and attention. CPU engines need no such mode."""
     enforce_eager: bool | None = None
     """Run the engine's model without torch.compile (and CUDA graphs). None: eager on CPU, where compiling costs
     ~40-110 s at every start (vLLM's compile cache does not load there) for no measurable gain in these
@@ -316,14 +337,64 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _devices(self) -> Config:
+        r = self.resources
+        for pool in ("features", "learner"):
+            gpus = getattr(r, pool).gpus_per_actor
+            if gpus > 1:
+                raise ValueError(
+                    f"resources.{pool}.gpus_per_actor={gpus:g}: a {pool} actor computes on one GPU; set it to 1 and "
+                    f"raise resources.{pool}.num_actors instead"
+                )
+        if r.rollout.gpus_per_actor > 1 and not r.rollout.whole_gpus:
+            raise ValueError(
+                f"resources.rollout.gpus_per_actor={r.rollout.gpus_per_actor:g}: above 1 it is the tensor-parallel "
+                f"size of each engine, a whole number; e.g. set it to {int(r.rollout.gpus_per_actor)} or "
+                f"{int(r.rollout.gpus_per_actor) + 1}"
+            )
+        if r.rollout.on_gpu and not r.rollout.whole_gpus:
+            share = r.rollout.gpus_per_actor
+            if self.rollout.gpu_memory_utilization > share:
+                raise ValueError(
+                    f"resources.rollout.gpus_per_actor={share:g} shares a GPU, but vLLM takes "
+                    f"rollout.gpu_memory_utilization={self.rollout.gpu_memory_utilization:g} of the whole device and "
+                    f"refuses to start unless that much is free; set rollout.gpu_memory_utilization={share:g} or less"
+                )
+        if self.rollout.batch_invariant and not r.rollout.on_gpu:
+            raise ValueError(
+                "rollout.batch_invariant=true is for GPU engines (vLLM's batch-invariant kernels are Triton); on CPU a "
+                "seeded sample is already independent of batching: set rollout.batch_invariant=false"
+            )
+        transport = self.weight_transport
+        if transport == NCCL:
+            if not (r.rollout.on_gpu and r.learner.on_gpu):
+                raise ValueError(
+                    "rollout.weight_transport=nccl needs GPUs in the rollout and learner pools (resources.rollout / "
+                    "resources.learner gpus_per_actor >= 1); with CPU pools set rollout.weight_transport=auto "
+                    "(the object store) or gloo"
+                )
+            if not (r.rollout.whole_gpus and r.learner.whole_gpus):
+                raise ValueError(
+                    "rollout.weight_transport=nccl with a share of a GPU (gpus_per_actor < 1): NCCL refuses two ranks "
+                    "on one GPU; set rollout.weight_transport=auto (the object store) or give each actor a whole GPU"
+                )
+        if transport == GLOO and (r.rollout.on_gpu or r.learner.on_gpu):
+            raise ValueError(
+                "rollout.weight_transport=gloo is for CPU pools; with GPUs set rollout.weight_transport=auto (NCCL "
+                "between whole GPUs, else the object store)"
+            )
+        return self
+
     @property
     def weight_transport(self) -> str:
-        """`rollout.weight_transport` resolved: `auto` is NCCL only when both learner and rollout pools have GPUs."""
+        """`rollout.weight_transport` resolved: `auto` is NCCL only when both the learner and rollout pools have whole
+        GPUs (NCCL refuses two ranks on one GPU), else the object store."""
         choice = self.rollout.weight_transport
         if choice != "auto":
             return choice
         r = self.resources
-        return NCCL if r.rollout.on_gpu and r.learner.on_gpu else OBJECT_STORE
+        return NCCL if r.rollout.whole_gpus and r.learner.whole_gpus else OBJECT_STORE
 
     @property
     def num_blocks(self) -> int:

@@ -132,3 +132,25 @@ def pushed_weights(group) -> dict[str, torch.Tensor]:
         return weights_of(ray.get(recorder.last_update.remote()))
     finally:
         ray.kill(recorder)
+
+
+def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list) -> None:
+    """SIGKILL this test's `ray::<class_name>` processes (as an OOM killer or a lost node would) once
+    `metrics` holds `after_rows` training rows; other runs on the machine are left alone. A name with its own
+    prefix (`VLLM::EngineCore`) is matched as it is."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    prefix = class_name if "::" in class_name else f"ray::{class_name}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("train/policy_loss") >= after_rows:
+            break
+        time.sleep(0.2)
+    for process in psutil.Process().children(recursive=True):
+        if " ".join(process.cmdline()).startswith(prefix):
+            os.kill(process.pid, signal.SIGKILL)
+            killed.append(process.pid)

@@ -12,7 +12,7 @@ import pytest
 import ray
 import safetensors.torch
 import torch
-from helpers import pushed_weights, tiny_run_config
+from helpers import kill_actor_processes, pushed_weights, tiny_run_config
 
 from ebft.cluster.train import run
 from ebft.config import build_config
@@ -188,22 +188,6 @@ def test_killed_rollout_or_feature_actor_is_replaced_and_nothing_is_lost(
     assert summary.trained_chunks == summary.scheduled_chunks == 10
     assert sorted(summary.trained_chunk_ids) == list(range(10))
     assert not unhandled, unhandled
-
-
-def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list) -> None:
-    """SIGKILL this test's `ray::<class_name>` processes (as an OOM killer or a lost node would) once
-    `metrics` holds `after_rows` training rows; other runs on the machine are left alone."""
-    import psutil
-
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if metrics.exists() and metrics.read_text().count("train/policy_loss") >= after_rows:
-            break
-        time.sleep(0.2)
-    for process in psutil.Process().children(recursive=True):
-        if " ".join(process.cmdline()).startswith(f"ray::{class_name}"):
-            os.kill(process.pid, signal.SIGKILL)
-            killed.append(process.pid)
 
 
 def test_a_killed_learner_restarts_from_the_last_checkpoint(

@@ -373,10 +373,10 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     np.random.normal()  # a cached Gaussian is part of numpy's state
-    torch.save(capture_rng_state(), tmp_path / "rng.pt")
+    torch.save(capture_rng_state(torch.device("cpu")), tmp_path / "rng.pt")
     first = (random.random(), np.random.normal(), np.random.rand(3).tolist(), torch.rand(3))
-    load_rng_state(tmp_path / "rng.pt")
+    load_rng_state(tmp_path / "rng.pt", torch.device("cpu"))
     again = (random.random(), np.random.normal(), np.random.rand(3).tolist(), torch.rand(3))
     assert first[:3] == again[:3] and torch.equal(first[3], again[3])
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        load_rng_state(tmp_path / "missing.pt")
+        load_rng_state(tmp_path / "missing.pt", torch.device("cpu"))

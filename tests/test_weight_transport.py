@@ -1,11 +1,11 @@
-"""Weight transport: weight-update messages, the NCCL transport's bookkeeping (with a fake group; it
-needs GPUs), and a real object-store update of SmolLM2 (tied embeddings) checked against transformers."""
+"""Weight transport: weight-update messages, which transport a config gets (and which it is refused), the engine
+calls of a broadcast receiver, and a real object-store update of SmolLM2 (tied embeddings) checked against
+transformers. The broadcast protocol itself runs in tests/test_weight_protocol.py."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import re
 
 import numpy as np
 import pytest
@@ -13,9 +13,8 @@ import torch
 from helpers import transformers_greedy, weights_of
 
 from ebft.actors.weight_receiver import _quiet_expected_reload_warnings, receive_weight_broadcast
-from ebft.config import NCCL, OBJECT_STORE, build_config
-from ebft.learner.nccl_sender import NcclWeightSender
-from ebft.learner.weight_sender import WeightPush, state_dict_to_update
+from ebft.config import NCCL, OBJECT_STORE, ConfigError, build_config
+from ebft.learner.weight_sender import state_dict_to_update
 
 
 def test_state_dict_round_trip_keeps_names_dtypes_and_values():
@@ -55,134 +54,41 @@ def test_tied_embeddings_travel_once_under_the_embedding_name():
     assert torch.equal(loaded["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
 
 
-def test_auto_transport_is_nccl_only_when_both_pools_have_gpus():
+def test_auto_transport_is_nccl_only_when_both_pools_have_whole_gpus():
     assert build_config({}).weight_transport == OBJECT_STORE
     gpus = {"resources": {"rollout": {"gpus_per_actor": 1}, "learner": {"gpus_per_actor": 1}}}
     assert build_config(gpus).weight_transport == NCCL
     assert build_config({"resources": {"rollout": {"gpus_per_actor": 1}}}).weight_transport == OBJECT_STORE
     assert build_config({**gpus, "rollout": {"weight_transport": "object_store"}}).weight_transport == OBJECT_STORE
+    tensor_parallel = {"resources": {"rollout": {"gpus_per_actor": 2}, "learner": {"gpus_per_actor": 1}}}
+    assert build_config(tensor_parallel).weight_transport == NCCL
+    # A workstation: every pool on a share of its one GPU; NCCL refuses two ranks on one device.
+    shared = {pool: {"gpus_per_actor": 0.3} for pool in ("rollout", "features", "learner")}
+    workstation = build_config({"resources": shared, "rollout": {"gpu_memory_utilization": 0.3}})
+    assert workstation.weight_transport == OBJECT_STORE
 
 
-# ----------------------------------------------------------------------------- NCCL bookkeeping (fake group)
-
-
-class FakeGroup:
-    """Stands in for vLLM's PyNcclCommunicator: rank 0's broadcast hands each tensor to every receiver.
-
-    Like NCCL, a broadcast with a receiver that is not waiting inside its receive call would hang;
-    here it fails instead.
-    """
-
-    def __init__(self, receivers):
-        self.receivers = receivers
-        self.broadcasts = 0
-
-    def broadcast(self, tensor, src, stream=None):
-        assert src == 0
-        # NCCL blocks until every rank has joined; a receiver that never does hangs it (fails here).
-        assert all(r.receiving.wait(timeout=5) for r in self.receivers), "broadcast without every receiver waiting"
-        self.broadcasts += 1
-        for receiver in self.receivers:
-            receiver.inbox.append(tensor.clone())
-            receiver.arrived.release()
-
-
-class FakeReceiver:
-    """A rollout actor's NCCL side, with Ray's `.method.remote(...)` calling convention (futures on threads)."""
-
-    pool = ThreadPoolExecutor(max_workers=8)
-
-    def __init__(self, world_size: int, version_offset: int = 0):
-        self.size, self.version_offset = world_size, version_offset
-        self.init_info, self.inbox, self.received = None, [], []
-        self.receiving, self.arrived = threading.Event(), threading.Semaphore(0)
-        self.version = 0
-        for name in ("weight_transfer_world_size", "init_weight_transfer", "receive_weight_broadcast"):
-            method = getattr(self, "_" + name)
-            setattr(
-                self, name, type("Remote", (), {"remote": staticmethod(lambda *a, m=method: self.pool.submit(m, *a))})
-            )
-
-    def _weight_transfer_world_size(self):
-        return self.size
-
-    def _init_weight_transfer(self, info):
-        self.init_info = info
-
-    def _receive_weight_broadcast(self, info, version):
-        self.receiving.set()
-        tensors = []
-        for name, dtype, shape in zip(info["names"], info["dtype_names"], info["shapes"]):
-            assert self.arrived.acquire(timeout=10), "no broadcast arrived"
-            tensor = self.inbox.pop(0)
-            assert str(tensor.dtype) == f"torch.{dtype}" and list(tensor.shape) == shape
-            tensors.append((name, tensor))
-        self.receiving.clear()
-        self.received.append((version, tensors))
-        self.version = version + self.version_offset
-        return self.version
-
-
-def wait_all(futures):
-    return [future.result(timeout=30) for future in futures]
-
-
-def push(sender, weights, version):
-    """What the learner group does with a push: send, then confirm every receiver applied it."""
-    return WeightPush(version, sender.send(weights, version), wait=wait_all).confirm()
-
-
-def make_sender(receivers):
-    groups = []
-
-    def open_group(address, port, world_size):
-        groups.append((address, port, world_size))
-        return FakeGroup(receivers)
-
-    sender = NcclWeightSender(
-        receivers, master_address="10.0.0.1", master_port=29555, packed=False, wait=wait_all, open_group=open_group
-    )
-    return sender, groups
-
-
-def test_nccl_sender_gives_each_engine_its_own_ranks_and_delivers_every_tensor_in_order():
-    receivers = [FakeReceiver(world_size=1), FakeReceiver(world_size=2), FakeReceiver(world_size=1)]
-    sender, groups = make_sender(receivers)
-    with pytest.raises(RuntimeError, match="connect"):
-        sender.send({"w": torch.ones(2)}, version=1)
-    sender.connect()
-
-    assert groups == [("10.0.0.1", 29555, 5)]
-    assert [r.init_info["rank_offset"] for r in receivers] == [1, 2, 4]
-    assert {r.init_info["world_size"] for r in receivers} == {5}
-    assert all(r.init_info["master_address"] == "10.0.0.1" and r.init_info["packed"] is False for r in receivers)
-
-    weights = {"embed.weight": torch.randn(8, 4, dtype=torch.bfloat16), "norm.weight": torch.rand(4)}
-    assert push(sender, weights, version=1) == 1
-    assert push(sender, [(name, t * 2) for name, t in weights.items()], version=3) == 3
-    assert sender.group.broadcasts == 4
-    for receiver in receivers:
-        assert [version for version, _ in receiver.received] == [1, 3]
-        for (_, tensors), scale in zip(receiver.received, (1, 2)):
-            assert [name for name, _ in tensors] == list(weights)
-            assert all(torch.equal(t, weights[name] * scale) for name, t in tensors)
-        assert receiver.version == 3
-
-
-def test_nccl_sender_refuses_versions_that_go_back_and_a_push_that_engines_disagree_on():
-    receivers = [FakeReceiver(world_size=1)]
-    sender, _ = make_sender(receivers)
-    sender.connect()
-    push(sender, {"w": torch.ones(3)}, version=2)
-    assert push(sender, {"w": torch.ones(3)}, version=2) == 2  # the same version again (a restarted pool)
-    with pytest.raises(ValueError, match="goes back"):
-        sender.send({"w": torch.ones(3)}, version=1)
-
-    lagging = [FakeReceiver(world_size=1), FakeReceiver(world_size=1, version_offset=-1)]
-    sender, _ = make_sender(lagging)
-    sender.connect()
-    with pytest.raises(RuntimeError, match="report versions"):
-        push(sender, {"w": torch.ones(3)}, version=1)
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["rollout.weight_transport=nccl"], "rollout.weight_transport=auto"),
+        (
+            [*[f"resources.{p}.gpus_per_actor=0.5" for p in ("rollout", "learner")], "rollout.weight_transport=nccl"],
+            "NCCL refuses two ranks",
+        ),
+        (["resources.learner.gpus_per_actor=2"], "resources.learner.gpus_per_actor=2: a learner actor computes on one"),
+        (["resources.features.gpus_per_actor=2"], "raise resources.features.num_actors"),
+        (["resources.rollout.gpus_per_actor=1.5"], "set it to 1 or 2"),
+        (["resources.rollout.gpus_per_actor=0.5"], "set rollout.gpu_memory_utilization=0.5 or less"),
+        (["resources.rollout.gpus_per_actor=1", "rollout.weight_transport=gloo"], "gloo is for CPU pools"),
+        (["rollout.batch_invariant=true"], "set rollout.batch_invariant=false"),
+    ],
+)
+def test_configs_that_cannot_work_on_gpus_are_refused_saying_what_to_set(overrides, says):
+    if "NCCL refuses" in says:
+        overrides = [*overrides, "rollout.gpu_memory_utilization=0.5"]
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        build_config(overrides=overrides)
 
 
 class RecordingLLM:
@@ -288,3 +194,61 @@ def test_only_the_expected_reload_warnings_are_silenced():
         "ParallelLMHead: Failed to load weights",
         "RotaryEmbedding: Failed to load weights",
     ]
+
+
+# ----------------------------------------------------------------------------- the packed wire format
+
+
+class LoopbackGroup:
+    """Rank 0's broadcasts recorded, then replayed into a receiver's buffers (one process, no network)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def broadcast(self, tensor):
+        if self.sent and tensor.dtype == torch.uint8 and tensor.numel() == self.sent[0].numel() and self.replaying:
+            tensor.copy_(self.sent.pop(0))
+        else:
+            self.sent.append(tensor.clone())
+
+    replaying = False
+
+
+def test_packed_buffers_are_cut_as_vllm_cuts_them_and_unpack_to_the_same_tensors():
+    from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+    from ebft.weight_broadcast import packed_batches, receive_packed, send_packed
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (300,), (2, 3, 4), (64, 16), (1,), (), (33, 9)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.float32, torch.bfloat16]
+    weights = [(f"w{i}", torch.randn(s, generator=generator).to(d)) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    weights[2] = ("w2", torch.randn(4, 3, 2, generator=generator).half().permute(2, 1, 0))  # not contiguous
+    for buffer_bytes in (1, 100, 1000, 1 << 20):
+        ours = [[name for name, _ in batch] for batch in packed_batches(weights, buffer_bytes)]
+        iterator, theirs = iter(weights), []
+        while (chunk := pack_tensors(iterator, lambda item: item[1], buffer_bytes)) is not None:
+            theirs.append(chunk.names)
+        assert ours == theirs, buffer_bytes
+
+        group = LoopbackGroup()
+        send_packed(iter(weights), group, buffer_bytes)
+        assert len(group.sent) == len(theirs)
+        group.replaying, received = True, []
+        metadata = [(name, list(t.shape), t.dtype) for name, t in weights]
+        receive_packed(metadata, group, buffer_bytes, torch.device("cpu"), lambda views: received.extend(views))
+        assert [name for name, _ in received] == [name for name, _ in weights]
+        for (_, got), (_, sent) in zip(received, weights):
+            assert got.dtype == sent.dtype and torch.equal(got, sent)
+
+
+def test_rollout_actors_run_the_engine_as_their_transport_and_seeding_need():
+    from ebft.actors.pool import rollout_actor_env
+
+    assert rollout_actor_env(build_config({}))["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # CPU: in-process engine
+    gloo = rollout_actor_env(build_config({"rollout": {"weight_transport": "gloo"}}))
+    assert gloo["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # the GPU protocol as GPU engines run it
+    gpus = {pool: {"gpus_per_actor": 1} for pool in ("rollout", "features", "learner")}
+    invariant = rollout_actor_env(build_config({"resources": gpus, "rollout": {"batch_invariant": True}}))
+    assert invariant["VLLM_BATCH_INVARIANT"] == "1" and invariant.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0"
+    assert "VLLM_BATCH_INVARIANT" not in rollout_actor_env(build_config({"resources": gpus}))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ebft.config import BROADCAST_TRANSPORTS
+
 # Environment every rollout actor needs, whatever the environment of the node's raylet.
 CPU_ENGINE_ENV = {
     # In-process engine: 2-6 s start-up and 1.8 GB instead of 15-25 s and 3.1 GB.
@@ -26,6 +28,11 @@ def rollout_actor_env(config) -> dict[str, str]:
     env = dict(COMMON_ENGINE_ENV)
     if not config.resources.rollout.on_gpu:
         env.update(CPU_ENGINE_ENV)
+    if config.rollout.batch_invariant:
+        env["VLLM_BATCH_INVARIANT"] = "1"
+    if config.weight_transport in BROADCAST_TRANSPORTS:
+        # vLLM's weight-transfer protocol runs as GPU engines run it: the engine in its own EngineCore process.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     env.update({name: os.environ[name] for name in PASSED_THROUGH if name in os.environ})
     return env
 
@@ -38,8 +45,8 @@ def create_rollout_actor(config, model_path: str, placement_group=None, bundle_i
     """
     import ray
 
+    from ebft.actor_resources import actor_options
     from ebft.actors.rollout import RolloutWorker
-    from ebft.cluster.placement import actor_options
 
     options = actor_options(
         config.resources.rollout,

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ebft.actors.engine_process import bind_engine_to_actor
 from ebft.actors.weight_receiver import WORKER_EXTENSION, load_update_into_engine, receive_weight_broadcast
-from ebft.config import NCCL
+from ebft.config import BROADCAST_TRANSPORTS, NCCL
 from ebft.cpu_threads import all_cores
 from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch, WeightUpdate
@@ -44,6 +45,11 @@ def has_tokenizer(model_path: str) -> bool:
     if not path.is_dir():
         return True  # a hub id: its repository carries the tokenizer
     return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tensor_parallel_size(resources) -> int:
+    """`resources.rollout.gpus_per_actor: k > 1` is tensor parallelism k inside one engine; a share of a GPU is 1."""
+    return int(resources.gpus_per_actor) if resources.whole_gpus else 1
 
 
 def runs_eager(config) -> bool:
@@ -105,6 +111,7 @@ class RolloutWorker:
             max_num_batched_tokens=max(max_num_batched_tokens, max_model_len),
         )
         self.llm.llm_engine.set_weight_version(str(self._version))
+        bind_engine_to_actor(self.llm)
 
     @property
     def on_gpu(self) -> bool:
@@ -128,12 +135,21 @@ class RolloutWorker:
             skip_tokenizer_init=not has_tokenizer(self.model_path),
             trust_remote_code=self.config.model.trust_remote_code,
         )
+        transport = self.config.weight_transport
+        if transport in BROADCAST_TRANSPORTS:
+            from vllm.config import WeightTransferConfig
+
+            from ebft.actors.transfer_engines import register_transfer_engines
+
+            register_transfer_engines()
+            backend = "ebft_nccl" if transport == NCCL else transport
+            options["weight_transfer_config"] = WeightTransferConfig(backend=backend)
         if self.on_gpu:
             options["gpu_memory_utilization"] = self.config.rollout.gpu_memory_utilization
-            if self.config.weight_transport == NCCL:
-                from vllm.config import WeightTransferConfig
-
-                options["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+            tensor_parallel = tensor_parallel_size(self.config.resources.rollout)
+            if tensor_parallel > 1:
+                # Its workers are processes of this actor, on the GPUs of the actor's bundle (CUDA_VISIBLE_DEVICES).
+                options.update(tensor_parallel_size=tensor_parallel, distributed_executor_backend="mp")
             return LLM(self.model_path, **options)
         # Unbounded, a CPU engine reserves ~10 GB of KV cache even for a tiny model.
         options["kv_cache_memory_bytes"] = int(self.config.rollout.kv_cache_gib * GIB)
@@ -241,17 +257,31 @@ class RolloutWorker:
         return self._version
 
     def weight_transfer_world_size(self) -> int:
-        """NCCL ranks this engine occupies in the weight-transfer group (its TP x PP size)."""
+        """Ranks this engine occupies in the weight-transfer group (its TP x PP size)."""
         return self.llm.get_world_size(include_dp=False)
 
     def init_weight_transfer(self, init_info: dict) -> None:
-        """NCCL transport: join the learner's group (blocks until the learner's rank 0 joins)."""
+        """Broadcast transports: join a learner's transfer group (blocks until its rank 0 joins, within its bound).
+        A group from an earlier connection (a learner that restarted, a pool member replaced) is shut down first."""
+        self.close_weight_transfer()
         self.llm.init_weight_transfer_engine({"init_info": init_info})
+        self._transfer_open = True
+
+    def close_weight_transfer(self) -> None:
+        if getattr(self, "_transfer_open", False):
+            self._transfer_open = False
+            self.llm.shutdown_weight_transfer_engine()
 
     def receive_weight_broadcast(self, update_info: dict, version: int) -> int:
-        """NCCL transport: receive one broadcast from the learner; returns the new version."""
+        """Broadcast transports: receive one broadcast from the learner; returns the new version. A broadcast that
+        fails (the learner died, or another receiver did and the sender gave up) leaves this engine's transfer
+        group closed, ready for the next connection."""
         self._check_forward(version)
-        receive_weight_broadcast(self.llm, update_info, version)
+        try:
+            receive_weight_broadcast(self.llm, update_info, version)
+        except Exception:
+            self.close_weight_transfer()
+            raise
         self._version = version
         return self._version
 
@@ -300,5 +330,6 @@ class RolloutWorker:
         """Release the engine (and its KV cache) now rather than at garbage collection."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
+            llm.ebft_closing = True  # not a crash: the engine watchdog lets it go
             llm.llm_engine.engine_core.shutdown()
         del llm

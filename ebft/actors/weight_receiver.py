@@ -1,12 +1,13 @@
 """The rollout side of a weight push: new policy weights go into a running vLLM engine.
 
-Two transports (the learner side is ebft/learner/weight_sender.py; `Config.weight_transport` picks one):
+Two kinds of transport (the learner side is ebft/learner/weight_sender.py; `Config.weight_transport` picks one):
 
 - object store: the learner puts one `WeightUpdate` (each tensor's bytes) in the Ray object store and
   every rollout actor loads it inside its vLLM worker through `WeightReceiverExtension` (the worker's
   own reload path, then the CPU tied-embedding fix) with `load_update_into_engine`;
-- NCCL (GPUs): vLLM's native weight transfer; `receive_weight_broadcast` takes part in the learner's
-  broadcast (pause, start, update, finish with the version, resume).
+- broadcast (NCCL on GPUs, gloo on CPUs): vLLM's native weight-transfer lifecycle with the engines of
+  ebft/actors/transfer_engines.py; `receive_weight_broadcast` takes part in the learner's broadcast (pause,
+  start, update, finish with the version, resume).
 
 Either way the engine's prefix cache is cleared: cached KV computed with the old weights must not be reused.
 """
@@ -16,7 +17,11 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from ebft.actors.transfer_engines import refresh_tied_lm_head, register_transfer_engines
 from ebft.messages import WeightUpdate
+
+# vLLM imports this module in each engine worker before it builds the worker's weight-transfer engine.
+register_transfer_engines()
 
 # The dotted path vLLM imports inside each engine worker (LLM(worker_extension_cls=...)).
 WORKER_EXTENSION = f"{__name__}.WeightReceiverExtension"
@@ -37,30 +42,14 @@ class WeightReceiverExtension:
         tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
         with _quiet_expected_reload_warnings(tied):
             self.reload_weights(weights_iterator=iter(weights.items()))
-        self._refresh_tied_lm_head()
+        refresh_tied_lm_head(self.model_runner.get_model(), self.model_runner.model_config)
         return len(weights)
-
-    def _refresh_tied_lm_head(self) -> None:
-        from vllm.platforms import current_platform
-
-        hf_config = self.model_runner.model_config.hf_text_config
-        if not (current_platform.is_cpu() and getattr(hf_config, "tie_word_embeddings", False)):
-            return
-        model = self.model_runner.get_model()
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is None:
-            return
-        # On CPU the LM head keeps a packed copy of the (tied) embedding made at load time; a reload
-        # of the embedding leaves it stale until it is packed again.
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-        dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
 class _ExpectedReloadWarnings(logging.Filter):
     """vLLM's reload warns "<layer>: Failed to load weights" for layers a checkpoint has no tensors
     for: the rotary embedding (its cache is computed, not loaded) and, in a tied model, the LM head
-    (refreshed from the embedding by `_refresh_tied_lm_head`). Those are expected; others still show."""
+    (refreshed from the embedding by `refresh_tied_lm_head`). Those are expected; others still show."""
 
     def __init__(self, tied: bool):
         super().__init__()
@@ -91,7 +80,7 @@ def load_update_into_engine(llm, update: WeightUpdate) -> None:
 
 
 def receive_weight_broadcast(llm, update_info: dict[str, list], version: int) -> None:
-    """NCCL: blocks until the learner's broadcast completes."""
+    """Broadcast transports: blocks until the learner's broadcast completes (or its bound passes)."""
     with paused_engine(llm):
         llm.start_weight_update()
         llm.update_weights({"update_info": update_info})

@@ -36,7 +36,8 @@ from typing import Any
 
 import ray
 
-from ebft.cluster.pools import ActorPool, failed_actor_id, is_actor_failure
+from ebft.actor_failures import failed_actor_id, is_actor_failure
+from ebft.cluster.pools import ActorPool
 from ebft.config import Config
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
@@ -98,7 +99,8 @@ class Controller:
     save: Callable[[int, dict[str, Any]], Path] | None = None
     """Checkpoint of the current weights with the data position after that step (None: never); returns its path."""
     restart_learner: Callable[[RestorePoint], Any] | None = None
-    """A new learner group at a restore point (None: a dead learner rank ends the run)."""
+    """A new learner group at a restore point, not connected to the rollout actors (None: a dead learner rank ends
+    the run)."""
     checkpoint: Path | None = None
     """The checkpoint this run resumed from, if any."""
     trained: dict[int, list[int]] = field(default_factory=dict)
@@ -234,6 +236,7 @@ class Controller:
             if not is_actor_failure(rollout_error):
                 raise
         self._engine_version = -1  # the restored weights go out before anything is sampled
+        self.connect_rollout_actors()
 
     # ------------------------------------------------------------------ stages
 
@@ -297,22 +300,28 @@ class Controller:
 
     def push_weights(self) -> None:
         """Every rollout actor gets the learner's current weights. An actor busy generating takes them after
-        its current batch; with max_staleness 0 the next generation waits for them anyway, so wait here."""
+        its current batch; with max_staleness 0 the next generation waits for them anyway, so wait here.
+        A rollout actor that died or did not answer within the push's bound is replaced, and the push redone."""
         self.confirm_push()
-        self._push = self.learner.push_weights()
+        try:
+            self._push = self.learner.push_weights()
+        except Exception as error:
+            if not self.replace_failed_actor(error):
+                raise
+            return  # the replacement pushed the weights again
         self._engine_version = self._push.version
         if self.config.training.max_staleness == 0:
             self.confirm_push()
 
     def confirm_push(self) -> None:
-        """Wait until every rollout actor applied the last push (a dead actor is left to collect(), which
-        replaces it and pushes again)."""
+        """Wait until every rollout actor applied the last push; one that died or did not answer within the bound
+        is replaced (and the weights pushed again). A dead actor that is no longer in the pool was replaced already."""
         push, self._push = self._push, None
         try:
             if push is not None:
                 push.confirm()
         except Exception as error:
-            if not is_actor_failure(error):
+            if not (self.replace_failed_actor(error) or is_actor_failure(error)):
                 raise
 
     def replace_failed_actor(self, error: Exception) -> bool:
@@ -331,10 +340,20 @@ class Controller:
         if not self.rollout_pool.replace(index, failed, error):
             return
         self.restarts += 1
-        self.learner.connect_weight_receivers(list(self.rollout_pool))
-        if self.version > 0:
-            self._push = None  # its acknowledgments may include the dead actor's
+        self._push = None  # its acknowledgments may include the dead actor's
+        if self.connect_rollout_actors() and self.version > 0:
             self.push_weights()  # the new actor starts from the base weights; the others reload the same version
+
+    def connect_rollout_actors(self) -> bool:
+        """Open the weight transport from the learner to the rollout pool; False if an actor failed to join and
+        was replaced instead (the replacement connected the pool again)."""
+        try:
+            self.learner.connect_weight_receivers(list(self.rollout_pool))
+            return True
+        except Exception as error:
+            if not self.replace_failed_actor(error):
+                raise
+            return False
 
     @property
     def ebft(self) -> bool:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ebft.config import Config, PoolResources
-from ebft.cpu_threads import actor_threads
+from ebft.config import Config, ConfigError, PoolResources
 
 POOLS = ("rollout", "features", "learner")
 
@@ -21,28 +17,6 @@ def pool_bundles(resources: PoolResources) -> list[dict[str, float]]:
     return [dict(bundle) for _ in range(resources.num_actors)]
 
 
-def actor_options(
-    resources: PoolResources, placement_group: PlacementGroup | None = None, bundle_index: int = 0, **extra: Any
-) -> dict[str, Any]:
-    """Ray options of one actor of a pool: its CPUs and GPUs, in bundle `bundle_index` of the pool's group if given,
-    and its starting thread count (cpu_threads.actor_threads; a learner rank then takes its share of the node)."""
-    threads = actor_threads(resources)
-    runtime_env = extra.pop("runtime_env", {})
-    env_vars = {"OMP_NUM_THREADS": str(threads), **runtime_env.get("env_vars", {})}
-    options: dict[str, Any] = {
-        "num_cpus": resources.cpus_per_actor,
-        "num_gpus": resources.gpus_per_actor,
-        "resources": dict(resources.node_resources),
-        "runtime_env": {**runtime_env, "env_vars": env_vars},
-        **extra,
-    }
-    if placement_group is not None:
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=placement_group, placement_group_bundle_index=bundle_index
-        )
-    return options
-
-
 def check_fits(config: Config) -> None:
     """Fail before any actor starts if the pools cannot fit the cluster's resources."""
     available = ray.cluster_resources()
@@ -52,7 +26,7 @@ def check_fits(config: Config) -> None:
         have = available.get(kind, 0.0)
         if needed > have + 1e-9:
             sizes = ", ".join(f"{pool}: {len(b)} x {b[0]}" for pool, b in bundles.items())
-            raise RuntimeError(
+            raise ConfigError(
                 f"the pools need {needed:g} {kind} but the Ray cluster has {have:g} ({sizes}); lower "
                 f"resources.<pool>.num_actors / cpus_per_actor / gpus_per_actor / node_resources or add nodes"
             )

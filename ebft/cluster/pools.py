@@ -10,31 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group_table
+
+from ebft.actor_failures import is_actor_failure
 
 log = logging.getLogger(__name__)
 REPLACEMENT_NOTICE_S = 30.0
 START_ATTEMPTS = 3
-
-
-def is_actor_failure(error: BaseException) -> bool:
-    """True when the actor that ran the task (or produced one of its inputs) is gone, or its result went
-    with its node: the work has to be done again elsewhere."""
-    if isinstance(error, (RayActorError, ActorDiedError, ActorUnavailableError, ObjectLostError)):
-        return True
-    cause = getattr(error, "cause", None)
-    return cause is not None and cause is not error and is_actor_failure(cause)
-
-
-def failed_actor_id(error: BaseException | None) -> str | None:
-    """The id (hex) of the actor whose death `error` reports, directly or as the cause of a task's error."""
-    while error is not None:
-        if isinstance(error, RayActorError) and error.actor_id:
-            return error.actor_id
-        cause = getattr(error, "cause", None)
-        error = cause if cause is not error else None
-    return None
 
 
 class ActorPool:

@@ -274,17 +274,20 @@ class Pools:
             self.shutdown()
             raise
 
-    def start_learner(self, checkpoint: Path | None) -> dict[str, Any]:
-        """A learner group connected to the rollout actors, at `checkpoint` (None: the base weights); a previous
-        group (one of whose ranks died) is stopped first. Returns the checkpoint's extra state ({} if none)."""
+    def start_learner(self, checkpoint: Path | None, connect: bool = True) -> dict[str, Any]:
+        """A learner group at `checkpoint` (None: the base weights), connected to the rollout actors unless the
+        caller connects it; a previous group (one of whose ranks died) is stopped first. Returns the checkpoint's
+        extra state ({} if none)."""
         from ebft.learner.group import LearnerGroup
 
         if self.learner is not None:
             self.learner.shutdown()
             self.learner = None
         self.learner = LearnerGroup(self.config, self.inputs.policy_path, self.groups["learner"], log_dir=self.logs)
-        self.learner.connect_weight_receivers(list(self.rollout))
-        return self.learner.load_checkpoint(checkpoint) if checkpoint else {}
+        extra = self.learner.load_checkpoint(checkpoint) if checkpoint else {}
+        if connect:
+            self.learner.connect_weight_receivers(list(self.rollout))
+        return extra
 
     def shutdown(self) -> None:
         for pool in (self.learner, self.rollout, self.features):
@@ -364,8 +367,9 @@ class RunRecorder:
         return path
 
     def restart_learner(self, point: RestorePoint):
-        """A new learner group at the restore point; what the run recorded after it is forgotten."""
-        self.pools.start_learner(point.checkpoint)
+        """A new learner group at the restore point, not yet connected to the rollout actors; what the run recorded
+        after it is forgotten."""
+        self.pools.start_learner(point.checkpoint, connect=False)
         self.monitor.rewind(point.step)
         self.evaluations = [e for e in self.evaluations if e.step <= point.step]  # of weights it keeps
         return self.pools.learner

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.actor_resources import actor_device
 from ebft.config import Config, ConfigError
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, check_same_chunks, paired_differences
 from ebft.evaluation.humaneval import CompleteFn, humaneval_problems, run_code_eval
@@ -346,7 +347,7 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         worker.shutdown()
         del worker
         gc.collect()
-        if torch.cuda.is_available():
+        if config.resources.rollout.on_gpu:
             torch.cuda.empty_cache()
     return rollouts, metrics
 
@@ -371,7 +372,7 @@ def run(
 
     started = time.perf_counter()
     plan = EvalPlan(model_or_checkpoint, config, output)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = actor_device(config.resources.features)
     console = Console(stderr=True)
     problems = humaneval_problems(config.eval.humaneval_problems) if config.eval.humaneval_problems else []
 

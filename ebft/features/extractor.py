@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModel, DynamicCache
 from transformers.utils import logging as hf_logging
 
 from ebft import packed_attention
+from ebft.actor_resources import actor_device
 from ebft.config import Config
 from ebft.features.pooling import feature_layer_indices, pool_blocks, token_features
 from ebft.layout import BlockPlan
@@ -82,7 +83,7 @@ class FeatureExtractor:
         self.plan = BlockPlan.from_config(config)
         self.pooling = config.features.pooling
         self.token_budget = config.features.token_budget
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device is not None else actor_device(config.resources.features)
         self.dtype: torch.dtype = getattr(torch, config.model.dtype)
 
         full_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)

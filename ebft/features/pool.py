@@ -49,7 +49,7 @@ def create_feature_worker(
     `model_path` is the feature network's folder: `model.feature_model` if set, else the base policy
     checkpoint (as in the paper). Returns at once; the worker loads its model in the background.
     """
-    from ebft.cluster.placement import actor_options
+    from ebft.actor_resources import actor_options
 
     options = actor_options(config.resources.features, placement_group, bundle_index)
     return ray.remote(FeatureWorker).options(**options).remote(str(model_path), config, log_file)

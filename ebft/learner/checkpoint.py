@@ -139,17 +139,18 @@ def rng_file(directory: Path, rank: int) -> Path:
     return Path(directory) / f"rng_rank{rank}.pt"
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors and plain values, so it loads with `weights_only=True`."""
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG's state as tensors and plain values, so it loads with `weights_only=True`; on a CUDA `device` its
+    own generator only (a CPU rank never touches CUDA: asking for every GPU's state would open a context on each)."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian)
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def load_rng_state(path: Path) -> None:
+def load_rng_state(path: Path, device: torch.device) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete, resume from an earlier one")
     state = torch.load(path, weights_only=True)
@@ -157,5 +158,5 @@ def load_rng_state(path: Path) -> None:
     kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -21,24 +21,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def import_deepspeed():
-    """Import DeepSpeed for this machine: the CPU accelerator when there is no GPU, and on CPU without
-    the shared-memory comm op, whose JIT build costs ~30 s per process and only speeds up large
-    intra-node all-reduces."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def import_deepspeed(on_gpu: bool):
+    """Import DeepSpeed for the learner pool's device (resources.learner, not what torch can see): on CPU its CPU
+    accelerator, without the shared-memory comm op, whose JIT build costs ~30 s per process and only speeds up
+    large intra-node all-reduces."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
     import deepspeed
 
-    if not torch.cuda.is_available():
+    if not on_gpu:
         # `import deepspeed.comm.torch as m` would bind the torch package (a name clash); fetch the module.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 
 def join_process_group(
-    rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int | None
-) -> torch.device:
-    """Set the rendezvous variables, join the gloo (CPU) or NCCL (GPU) group; returns this rank's device."""
+    rank: int, world_size: int, device: torch.device, master_addr: str, master_port: int | None
+) -> None:
+    """Set the rendezvous variables and join the gloo (CPU) or NCCL (GPU `device`) group. DeepSpeed's engine takes
+    its GPU from LOCAL_RANK, so on a GPU it is the device's index."""
+    on_gpu = device.type == "cuda"
+    local_rank = device.index if on_gpu else rank
     for key, value in {
         "RANK": rank,
         "WORLD_SIZE": world_size,
@@ -48,13 +50,11 @@ def join_process_group(
         os.environ[key] = str(value)
     if master_port is not None or "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(master_port or free_port())
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed(on_gpu)
     from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    on_gpu = accelerator.device_name() != "cpu"
     if on_gpu:
-        accelerator.set_device(local_rank)
+        get_accelerator().set_device(local_rank)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != world_size:
         raise RuntimeError(
             f"this process already joined a process group of size {torch.distributed.get_world_size()}, "
@@ -67,7 +67,6 @@ def join_process_group(
 
         groups._release_process_group_references()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    return torch.device(accelerator.device_name(local_rank) if on_gpu else "cpu")
 
 
 def warmup_steps(config: Config) -> int:
@@ -146,7 +145,7 @@ def policy_engine(config: Config, model_path: str, ds_config: dict[str, Any], on
             model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True
         )
     warmup = warmup_steps(config)
-    engine, optimizer, _, scheduler = import_deepspeed().initialize(
+    engine, optimizer, _, scheduler = import_deepspeed(on_gpu).initialize(
         model=model,
         optimizer=optimizer,
         config=ds_config,
@@ -163,6 +162,6 @@ def reference_model(config: Config, model_path: str, ds_config: dict[str, Any], 
     reference = from_pretrained(config, model_path, eval_config).requires_grad_(False)
     if config.learner.zero_stage != 3:
         return reference.to(device).eval()
-    engine, *_ = import_deepspeed().initialize(model=reference, config=eval_config)
+    engine, *_ = import_deepspeed(device.type == "cuda").initialize(model=reference, config=eval_config)
     engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
     return engine

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ebft.actor_resources import actor_device
 from ebft.config import Config, batch_geometry
 from ebft.layout import BlockPlan
 from ebft.learner import checkpoint as ckpt
@@ -37,7 +38,8 @@ from ebft.learner.deepspeed_setup import (
     reference_model,
 )
 from ebft.learner.loss import chunks_document_ce, document_ce, ebft_loss, generated_logprobs
-from ebft.learner.state_dict import gather_state_dict
+from ebft.learner.state_dict import gather_state_dict, iter_state_dict, state_dict_metadata
+from ebft.learner.weight_sender import WeightStream
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
 METRIC_PREFIX = "train/"
@@ -58,7 +60,6 @@ class LearnerRank:
         *,
         rank: int = 0,
         world_size: int = 1,
-        local_rank: int | None = None,
         master_addr: str = "127.0.0.1",
         master_port: int | None = None,
     ):
@@ -72,8 +73,8 @@ class LearnerRank:
         if config.learner.offload_optimizer and config.learner.zero_stage == 0:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage >= 1")
 
-        local_rank = rank if local_rank is None else local_rank
-        self.device = join_process_group(rank, world_size, local_rank, master_addr, master_port)
+        self.device = actor_device(config.resources.learner)
+        join_process_group(rank, world_size, self.device, master_addr, master_port)
         on_gpu = self.device.type != "cpu"
         ds_config = deepspeed_config(config, world_size, on_gpu)
         self.engine, self.optimizer, self.scheduler = policy_engine(config, self.model_path, ds_config, on_gpu)
@@ -242,6 +243,14 @@ class LearnerRank:
         zero3 = self.config.learner.zero_stage == 3
         return gather_state_dict(self.engine.module, zero3=zero3, rank=self.rank, device=device)
 
+    def stream_weights(self, device: torch.device | str = "cpu") -> WeightStream:
+        """HF-named weights streamed one module at a time on rank 0, nothing elsewhere (see state_dict.py), with
+        their names, shapes and dtypes first. Collective under ZeRO-3: every rank must exhaust the tensors."""
+        zero3 = self.config.learner.zero_stage == 3
+        module = self.engine.module
+        tensors = iter_state_dict(module, zero3=zero3, rank=self.rank, device=device)
+        return WeightStream(state_dict_metadata(module), tensors)
+
     @torch.no_grad()
     def document_ce(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Teacher-forced token-mean NLL [docs] of whole chunks [docs, T] under the current policy (rank 0)."""
@@ -273,7 +282,7 @@ class LearnerRank:
                 temporary, state, module.config, getattr(module, "generation_config", None), self.model_path
             )
         self.engine.save_checkpoint(str(temporary / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, save_latest=False)
-        torch.save(ckpt.capture_rng_state(), ckpt.rng_file(temporary, self.rank))
+        torch.save(ckpt.capture_rng_state(self.device), ckpt.rng_file(temporary, self.rank))
         dist.barrier()
         if self.rank == 0:
             ckpt.write_trainer_state(
@@ -308,7 +317,7 @@ class LearnerRank:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the optimizer state under {path / ckpt.DEEPSPEED_DIR}")
         self.step, self.weight_version = trainer_state["step"], trainer_state["weight_version"]
-        ckpt.load_rng_state(ckpt.rng_file(path, self.rank))
+        ckpt.load_rng_state(ckpt.rng_file(path, self.rank), self.device)
         return ckpt.read_extra_state(path)
 
     def close(self) -> None:

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from ebft.cluster.placement import actor_options
-from ebft.config import NCCL, Config
+from ebft.actor_failures import is_actor_failure
+from ebft.actor_resources import actor_options
+from ebft.config import BROADCAST_TRANSPORTS, Config
 from ebft.learner.weight_sender import WeightPush, make_weight_sender
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
@@ -48,7 +49,6 @@ class LearnerRankActor:
         *,
         rank: int,
         world_size: int,
-        local_rank: int,
         master_addr: str,
         master_port: int,
         ranks_on_node: int,
@@ -65,7 +65,6 @@ class LearnerRankActor:
             model_path,
             rank=rank,
             world_size=world_size,
-            local_rank=local_rank,
             master_addr=master_addr,
             master_port=master_port,
         )
@@ -82,25 +81,38 @@ class LearnerRankActor:
             return
         if self.weight_sender is not None:
             self.weight_sender.close()
+            self.weight_sender = None
         options = {}
-        if self.learner.config.weight_transport == NCCL:
+        if self.broadcasts:
             from ebft.learner.deepspeed_setup import free_port
 
-            options = {"master_address": ray.util.get_node_ip_address(), "master_port": free_port()}
-        self.weight_sender = make_weight_sender(self.learner.config, rollout_actors, **options)
-        self.weight_sender.connect()
+            address, device = ray.util.get_node_ip_address(), self.learner.device
+            options = {"master_address": address, "master_port": free_port(), "device": device}
+        sender = make_weight_sender(self.learner.config, rollout_actors, **options)
+        sender.connect()
+        self.weight_sender = sender
+
+    @property
+    def broadcasts(self) -> bool:
+        return self.learner.config.weight_transport in BROADCAST_TRANSPORTS
 
     def push_weights(self) -> tuple[int, list] | None:
-        """Start sending the current weights (all ranks: ZeRO-3 gathers them); rank 0 returns
-        (version, one acknowledgment per rollout actor). NCCL sends from device memory."""
-        nccl = self.learner.config.weight_transport == NCCL
-        state = self.learner.full_state_dict(self.learner.device if nccl else "cpu")
-        if state is None:
-            return None
-        if self.weight_sender is None:
+        """Start sending the current weights (all ranks: ZeRO-3 gathers them one module at a time); rank 0 returns
+        (version, one acknowledgment per rollout actor). A broadcast sends from the learner's device."""
+        if self.learner.rank == 0 and self.weight_sender is None:
             raise RuntimeError("call connect_weight_receivers(rollout_actors) before push_weights()")
+        stream = self.learner.stream_weights(self.learner.device if self.broadcasts else "cpu")
+        if self.learner.rank != 0:
+            for _ in stream.tensors:  # the other ranks' part of each ZeRO-3 gather
+                pass
+            return None
         version = self.learner.weight_version
-        return version, self.weight_sender.send(state, version)
+        try:
+            return version, self.weight_sender.send(stream, version)
+        except BaseException:
+            for _ in stream.tensors:  # the other ranks wait in the gathers of the rest of the model
+                pass
+            raise
 
     def document_ce(self, tokens):
         return self.learner.document_ce(tokens)
@@ -141,8 +153,6 @@ class LearnerGroup:
         try:
             master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
             nodes = ray.get([actor.node_id.remote() for actor in self.actors])
-            # Each GPU actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), hence local rank 0.
-            local = (lambda rank: 0) if resources.on_gpu else (lambda rank: rank)
             ray.get(
                 [
                     actor.setup.remote(
@@ -150,7 +160,6 @@ class LearnerGroup:
                         str(model_path),
                         rank=rank,
                         world_size=self.world_size,
-                        local_rank=local(rank),
                         master_addr=master_addr,
                         master_port=master_port,
                         ranks_on_node=nodes.count(nodes[rank]),
@@ -162,6 +171,7 @@ class LearnerGroup:
             self.shutdown()
             raise
         self.weight_version = 0
+        self.rollout_actors: list[Any] = []
 
     def train_step(
         self,
@@ -198,13 +208,15 @@ class LearnerGroup:
 
     def connect_weight_receivers(self, rollout_actors: Sequence[Any]) -> None:
         """Open the configured weight transport from rank 0 to these rollout actors (once, or after a restart)."""
-        ray.get([actor.connect_weight_receivers.remote(list(rollout_actors)) for actor in self.actors])
+        self.rollout_actors = list(rollout_actors)
+        gather([actor.connect_weight_receivers.remote(self.rollout_actors) for actor in self.actors])
 
     def push_weights(self) -> WeightPush:
         """Send the current weights to the connected rollout actors; returns once they are on their way
         (`.confirm()` waits until every actor applied them)."""
         version, acknowledgments = gather([actor.push_weights.remote() for actor in self.actors])[0]
-        return WeightPush(version, acknowledgments)
+        actor_ids = [actor._actor_id.hex() for actor in self.rollout_actors]
+        return WeightPush(version, acknowledgments, actor_ids, self.config.rollout.weight_sync_timeout_s)
 
     def document_ce(self, tokens) -> torch.Tensor:
         """Teacher-forced token-mean NLL [docs] of chunks [docs, T] under the current policy."""
@@ -221,8 +233,6 @@ class LearnerGroup:
 
     def alive(self) -> bool:
         """False if any rank's process is gone."""
-        from ebft.cluster.pools import is_actor_failure
-
         try:
             ray.get([actor.node_id.remote() for actor in self.actors])
             return True

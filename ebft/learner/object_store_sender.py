@@ -11,12 +11,13 @@ from collections.abc import Mapping
 
 import torch
 
-from ebft.learner.weight_sender import WeightSender, state_dict_to_update
+from ebft.learner.weight_sender import WeightSender, WeightStream, state_dict_to_update
 
 
 class ObjectStoreWeightSender(WeightSender):
-    def _send(self, weights: Mapping[str, torch.Tensor], version: int) -> list:
+    def _send(self, weights: Mapping[str, torch.Tensor] | WeightStream, version: int) -> list:
         import ray
 
-        update = ray.put(state_dict_to_update(weights, version))
+        state = dict(weights.tensors) if isinstance(weights, WeightStream) else weights
+        update = ray.put(state_dict_to_update(state, version))
         return [receiver.update_weights.remote(update) for receiver in self.receivers]

@@ -2,32 +2,65 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 
-def gather_state_dict(module: torch.nn.Module, *, zero3: bool, rank: int, device) -> dict[str, torch.Tensor] | None:
-    """Parameters and persistent buffers on rank 0 (None elsewhere).
+def iter_state_dict(module: torch.nn.Module, *, zero3: bool, rank: int, device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for each parameter and persistent buffer, yielded on rank 0 (nothing elsewhere).
 
-    Collective under ZeRO-3 (partitions are gathered one module at a time, copied out on rank 0).
-    Otherwise tensors already on `device` are the live parameters, not copies: use them before the
-    next step. Tied weights appear once, under their first name, as in HF checkpoints.
+    Collective under ZeRO-3: every rank must run it to the end. Partitions are gathered one module's own
+    parameters at a time and copied to `device` on rank 0 before the gather is released, so the memory
+    bound is one module's parameters gathered plus their copies (and whatever copies the consumer keeps):
+    a weight push to a GPU never holds the whole model there. Otherwise tensors already on `device` are the
+    live parameters, not copies: use them before the next step. On CUDA the current stream is synchronised
+    before each module's tensors are yielded, so a consumer may read them on another stream. Tied weights
+    appear once, under their first name, as in HF checkpoints.
     """
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for prefix, sub in module.named_modules():
-        own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for _, p in own)
+    if rank != 0 and not zero3:
+        return
+    on_cuda = torch.device(device).type == "cuda"
+    for prefix, sub, own, persistent in _module_entries(module):
         if zero3 and own:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
-                if rank == 0:
-                    state.update({_join(prefix, n): p.detach().to(device, copy=True) for n, p in own})
+                group = [(_join(prefix, n), p.detach().to(device, copy=True)) for n, p in own] if rank == 0 else []
         elif rank == 0:
-            state.update({_join(prefix, n): p.detach().to(device) for n, p in own})
-        if rank == 0:
-            persistent = [n for n, _ in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set]
-            state.update({_join(prefix, n): getattr(sub, n).detach().to(device) for n in persistent})
+            group = [(_join(prefix, n), p.detach().to(device)) for n, p in own]
+        if rank != 0:
+            continue
+        group += [(_join(prefix, n), getattr(sub, n).detach().to(device)) for n in persistent]
+        if on_cuda and group:
+            torch.cuda.current_stream(device).synchronize()
+        yield from group
+        del group  # else this module's copies would stay alive through the next module's gather
+
+
+def state_dict_metadata(module: torch.nn.Module) -> list[tuple[str, list[int], torch.dtype]]:
+    """(HF name, shape, dtype) of what iter_state_dict yields, in its order, without gathering anything (a ZeRO-3
+    parameter knows its full shape as `ds_shape`): what a receiver allocates before a streamed push."""
+    metadata = []
+    for prefix, sub, own, persistent in _module_entries(module):
+        metadata += [(_join(prefix, n), list(getattr(p, "ds_shape", p.shape)), p.dtype) for n, p in own]
+        metadata += [(_join(prefix, n), list(getattr(sub, n).shape), getattr(sub, n).dtype) for n in persistent]
+    return metadata
+
+
+def _module_entries(module: torch.nn.Module):
+    """(prefix, module, its own parameters not seen before, its persistent buffer names) for every module."""
+    seen: set[int] = set()
+    for prefix, sub in module.named_modules():
+        own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        persistent = [n for n, _ in sub.named_buffers(recurse=False) if n not in sub._non_persistent_buffers_set]
+        yield prefix, sub, own, persistent
+
+
+def gather_state_dict(module: torch.nn.Module, *, zero3: bool, rank: int, device) -> dict[str, torch.Tensor] | None:
+    """The whole of iter_state_dict as a dict on rank 0 (None elsewhere); collective under ZeRO-3."""
+    state = dict(iter_state_dict(module, zero3=zero3, rank=rank, device=device))
     return state if rank == 0 else None
 
 

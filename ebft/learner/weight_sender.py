@@ -1,31 +1,36 @@
-"""The learner side of a weight push: one interface, one file per transport.
+"""The learner side of a weight push: one interface, one file per kind of transport.
 
 `make_weight_sender` picks the run's transport once (`Config.weight_transport`):
 object_store_sender.py (the weights' bytes in the Ray object store; CPU or any cluster) or
-nccl_sender.py (vLLM's native NCCL broadcast; GPUs). The rollout side is ebft/actors/weight_receiver.py.
+broadcast_sender.py (vLLM's weight-transfer protocol: NCCL between GPUs, gloo between CPU pools). The rollout
+side is ebft/actors/weight_receiver.py.
 
-A push returns at once with one acknowledgment per rollout actor; `WeightPush.confirm` waits for them
-and checks that every actor applied the pushed version. A sender's versions never go back; an actor
+A push returns at once with one acknowledgment per rollout actor; `WeightPush.confirm` waits for them (within the
+push's bound) and checks that every actor applied the pushed version. A sender's versions never go back; an actor
 may be sent the version it already holds (after a restart every actor gets the current weights again).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ebft.config import NCCL, Config
+from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
+from ebft.config import BROADCAST_TRANSPORTS, Config
 from ebft.messages import WeightUpdate
 
 
-def ray_get(futures: list) -> list:
-    import ray
+@dataclass
+class WeightStream:
+    """Weights that arrive one module at a time (ZeRO-3 gathers them so), their names, shapes and dtypes known
+    first: a broadcast sends them without holding the whole model on the device at once."""
 
-    return ray.get(futures)
+    metadata: list[tuple[str, list[int], torch.dtype]]
+    tensors: Iterable[tuple[str, torch.Tensor]]
 
 
 @dataclass
@@ -34,10 +39,25 @@ class WeightPush:
 
     version: int
     acknowledgments: list
-    wait: Callable[[list], list] = ray_get
+    actor_ids: list[str]
+    timeout_s: float
 
     def confirm(self) -> int:
-        reported = self.wait(self.acknowledgments)
+        """Raises an actor's failure (ebft.actor_failures) if one died or did not answer within the bound."""
+        import ray
+
+        done, _ = ray.wait(self.acknowledgments, num_returns=len(self.acknowledgments), timeout=self.timeout_s)
+        reported, errors = [], []
+        for actor_id, acknowledgment in zip(self.actor_ids, self.acknowledgments):
+            if acknowledgment not in done:
+                errors.append(UnresponsiveActorError(actor_id, f"rollout actor {actor_id} did not apply the weights"))
+                continue
+            try:
+                reported.append(ray.get(acknowledgment))
+            except Exception as error:
+                errors.append(error)
+        if errors:
+            raise next((e for e in errors if is_actor_failure(e)), errors[0])
         if any(v != self.version for v in reported):
             raise RuntimeError(f"rollout actors report versions {reported} after a push of version {self.version}")
         return self.version
@@ -69,7 +89,7 @@ class WeightSender(ABC):
     def connect(self) -> None:
         """One-time handshake with the receivers (nothing for the object store)."""
 
-    def send(self, weights: Mapping[str, torch.Tensor], version: int) -> list:
+    def send(self, weights: Mapping[str, torch.Tensor] | WeightStream, version: int) -> list:
         """Start delivering `weights` as `version`; returns one acknowledgment (a future of the version the
         actor applied) per receiver."""
         if self.version is not None and version < self.version:
@@ -79,18 +99,25 @@ class WeightSender(ABC):
         return acknowledgments
 
     @abstractmethod
-    def _send(self, weights: Mapping[str, torch.Tensor], version: int) -> list: ...
+    def _send(self, weights: Mapping[str, torch.Tensor] | WeightStream, version: int) -> list: ...
 
     def close(self) -> None:
         pass
 
 
-def make_weight_sender(config: Config, receivers: Sequence[Any], **nccl_options) -> WeightSender:
-    """The sender for this run's transport; NCCL needs `master_address=` and `master_port=`."""
-    if config.weight_transport == NCCL:
-        from ebft.learner.nccl_sender import NcclWeightSender
+def make_weight_sender(config: Config, receivers: Sequence[Any], **broadcast_options) -> WeightSender:
+    """The sender for this run's transport; a broadcast needs `master_address=`, `master_port=` and `device=`."""
+    if config.weight_transport in BROADCAST_TRANSPORTS:
+        from ebft.learner.broadcast_sender import BroadcastWeightSender
 
-        return NcclWeightSender(receivers, **nccl_options)
+        rollout = config.rollout
+        return BroadcastWeightSender(
+            receivers,
+            backend=config.weight_transport,
+            timeout_s=rollout.weight_sync_timeout_s,
+            buffer_bytes=int(rollout.weight_buffer_mib * 2**20),
+            **broadcast_options,
+        )
     from ebft.learner.object_store_sender import ObjectStoreWeightSender
 
     return ObjectStoreWeightSender(receivers)

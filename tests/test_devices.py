@@ -1,0 +1,116 @@
+"""One rule for devices: each pool's device comes from its resources in the config, never from what torch can see
+(a CPU actor on a GPU node sees every GPU under Ray 2.60). Checked on this GPU-less machine by making torch claim a
+GPU: a CPU pool must not reach for it."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebft.actor_resources import NOSET_CUDA_VISIBLE_DEVICES, actor_device, actor_options
+from ebft.config import PoolResources, build_config
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ebft"
+
+
+@pytest.fixture
+def torch_sees_a_gpu(monkeypatch):
+    """torch reports a GPU, and any use of CUDA fails loudly (as it would land on GPU 0 next to a vLLM engine)."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a CPU pool touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("get_rng_state_all", "get_rng_state", "set_rng_state_all", "set_rng_state", "set_device", "init"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+
+
+def test_no_pool_imports_the_loop_that_drives_it():
+    arrows = []
+    for pool in ("actors", "features", "learner"):
+        for path in sorted((PACKAGE / pool).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                modules += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                arrows += [f"{path.relative_to(PACKAGE)} -> {m}" for m in modules if m.startswith("ebft.cluster")]
+    assert not arrows
+
+
+def test_cpu_actors_start_with_no_visible_gpu_and_gpu_actors_keep_theirs():
+    cpu = actor_options(PoolResources(cpus_per_actor=2))["runtime_env"]["env_vars"]
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "2"
+    gpu = actor_options(PoolResources(gpus_per_actor=1))["runtime_env"]["env_vars"]
+    assert "CUDA_VISIBLE_DEVICES" not in gpu  # Ray sets it to the actor's own GPUs
+    merged = actor_options(PoolResources(), runtime_env={"env_vars": {"X": "1"}})["runtime_env"]["env_vars"]
+    assert merged["X"] == "1" and merged["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_a_cpu_ray_actor_sees_no_gpu_whatever_its_node_shows(local_ray):
+    import ray
+
+    class Probe:
+        def visible(self):
+            return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    # As on a GPU node (Ray 2.60 leaves the node's CUDA_VISIBLE_DEVICES to actors that asked for no GPU).
+    options = actor_options(PoolResources(cpus_per_actor=0.5), runtime_env={"env_vars": {}})
+    options["runtime_env"]["env_vars"].setdefault("CUDA_VISIBLE_DEVICES", "0")
+    probe = ray.remote(Probe).options(**options).remote()
+    try:
+        assert ray.get(probe.visible.remote()) == ""
+    finally:
+        ray.kill(probe)
+
+
+def test_pool_devices_follow_the_config_not_torch(torch_sees_a_gpu, monkeypatch):
+    assert actor_device(PoolResources()) == torch.device("cpu")
+    assert actor_device(PoolResources(gpus_per_actor=1)) == torch.device("cuda", 0)
+    # A cluster that leaves CUDA_VISIBLE_DEVICES alone shows every actor every GPU: use the one Ray assigned.
+    import ray
+
+    monkeypatch.setenv(NOSET_CUDA_VISIBLE_DEVICES, "1")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
+    assert actor_device(PoolResources(gpus_per_actor=1)) == torch.device("cuda", 3)
+    assert actor_device(PoolResources()) == torch.device("cpu")
+
+
+def test_a_cpu_feature_worker_computes_on_the_cpu_when_torch_sees_a_gpu(tiny_model_dir, torch_sees_a_gpu):
+    from ebft.features.extractor import FeatureExtractor
+
+    config = build_config({"data": {"chunk_length": 32}, "model": {"dtype": "float32"}})
+    extractor = FeatureExtractor(tiny_model_dir, config)
+    assert extractor.device == torch.device("cpu")
+    assert {p.device.type for p in extractor.model.parameters()} == {"cpu"}
+
+
+def test_a_cpu_learner_checkpoints_no_cuda_rng_when_torch_sees_a_gpu(tmp_path, torch_sees_a_gpu):
+    from ebft.learner.checkpoint import capture_rng_state, load_rng_state
+
+    state = capture_rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    torch.save(state, tmp_path / "rng.pt")
+    load_rng_state(tmp_path / "rng.pt", torch.device("cpu"))
+
+
+def test_tensor_parallel_rollout_engines_get_their_size_and_the_gpu_transfer_backend(monkeypatch, tiny_model_dir):
+    import vllm
+
+    from ebft.actors.rollout import RolloutWorker
+
+    built = {}
+    monkeypatch.setattr(vllm, "LLM", lambda path, **options: built.update(options, path=path))
+    gpus = {"rollout": {"gpus_per_actor": 2}, "features": {"gpus_per_actor": 1}, "learner": {"gpus_per_actor": 1}}
+    config = build_config({"model": {"policy": str(tiny_model_dir)}, "resources": gpus})
+    worker = RolloutWorker.__new__(RolloutWorker)
+    worker.config, worker.model_path = config, str(tiny_model_dir)
+    worker._build_engine(enforce_eager=False)
+    assert built["tensor_parallel_size"] == 2 and built["distributed_executor_backend"] == "mp"
+    assert built["weight_transfer_config"].backend == "ebft_nccl"
+    assert built["gpu_memory_utilization"] == config.rollout.gpu_memory_utilization
+    assert "kv_cache_memory_bytes" not in built

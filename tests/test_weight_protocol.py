@@ -1,0 +1,293 @@
+"""vLLM's weight-transfer protocol as GPU engines run it, exercised on CPU: the gloo backend registered in vLLM's own
+engine factory, engines in vLLM's V1 multiprocessing (an EngineCore process per engine), the packed wire format,
+and pushes that fail without hanging (ebft/weight_broadcast.py, ebft/learner/broadcast_sender.py,
+ebft/actors/transfer_engines.py)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from helpers import kill_actor_processes, make_tiny_llama, tiny_run_config, transformers_greedy
+
+from ebft.actors.pool import create_rollout_actor
+from ebft.config import build_config
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 17, 42, 7], [100, 3, 250, 9, 11]]
+
+
+def gloo_config(model_dir, **rollout):
+    return build_config(
+        {
+            "model": {"policy": str(model_dir), "dtype": "float32"},
+            "data": {"chunk_length": 32},
+            "sampling": {"context_length": 4, "stride": 4, "block_length": 4},
+            "resources": {pool: {"cpus_per_actor": 0.5, "threads": 1} for pool in ("rollout", "features", "learner")},
+            "rollout": {"kv_cache_gib": 0.125, "weight_transport": "gloo", "weight_buffer_mib": 0.2, **rollout},
+            "learner": {"zero_stage": 3, "gradient_checkpointing": False},
+            "training": {"docs_per_step": 1},
+        }
+    )
+
+
+def greedy(actor, max_tokens=8):
+    return ray.get(actor.complete.remote(PROMPTS, max_tokens=max_tokens))
+
+
+def reference_greedy(model_dir, max_tokens=8):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return [[transformers_greedy(model, p, max_tokens)] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def tied_models(tmp_path_factory):
+    """Two tiny tied-embedding Llamas of one shape: the engines start from the first, the learner holds the second."""
+    root = tmp_path_factory.mktemp("protocol")
+    return make_tiny_llama(root / "a", tie_word_embeddings=True, seed=3), make_tiny_llama(
+        root / "b", tie_word_embeddings=True, seed=4
+    )
+
+
+def test_a_gloo_push_into_multiprocess_engines_makes_greedy_follow_the_learner(local_ray, tied_models):
+    from ebft.learner.group import LearnerGroup
+
+    engine_model, learner_model = tied_models
+    config = gloo_config(engine_model)
+    actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
+    learner = LearnerGroup(config, learner_model)
+    try:
+        assert greedy(actors[0]) == reference_greedy(engine_model)
+        learner.connect_weight_receivers(actors)
+        assert learner.push_weights().confirm() == 0
+        expected = reference_greedy(learner_model)
+        assert expected != reference_greedy(engine_model)
+        assert [greedy(actor) for actor in actors] == [expected, expected]
+        # Reconnecting (a replaced pool member, a restarted learner) shuts the previous group down first.
+        connections = open_connections(actors[0])
+        for _ in range(3):
+            learner.connect_weight_receivers(actors)
+            assert learner.push_weights().confirm() == 0
+        assert open_connections(actors[0]) == connections
+    finally:
+        learner.shutdown()
+        for actor in actors:
+            ray.kill(actor)
+
+
+def open_connections(actor) -> int:
+    """TCP connections held by the processes of a rollout actor's engine (a leaked transfer group keeps its own)."""
+    return sum(len(process.net_connections(kind="tcp")) for process in engine_processes(actor))
+
+
+def actor_pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+
+
+def engine_processes(actor) -> list:
+    import psutil
+
+    return psutil.Process(actor_pid(actor)).children(recursive=True)
+
+
+def sender_for(actors, config, **options):
+    from ebft.learner.weight_sender import make_weight_sender
+
+    options = {"master_address": "127.0.0.1", "master_port": free_port(), "device": torch.device("cpu"), **options}
+    sender = make_weight_sender(config, actors, **options)
+    sender.connect()
+    return sender
+
+
+def free_port() -> int:
+    from ebft.learner.deepspeed_setup import free_port
+
+    return free_port()
+
+
+def model_weights(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ebft.learner.state_dict import iter_state_dict
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return dict(iter_state_dict(model, zero3=False, rank=0, device="cpu"))
+
+
+def test_a_receiver_killed_during_a_push_fails_it_at_once_and_the_rest_take_the_next_push(local_ray, tied_models):
+    import os
+    import signal
+    import time
+
+    from ebft.actor_failures import failed_actor_id, is_actor_failure
+    from ebft.learner.weight_sender import WeightPush, WeightStream
+
+    engine_model, learner_model = tied_models
+    config = gloo_config(engine_model, weight_sync_timeout_s=60)
+    actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
+    replacement = None
+    try:
+        assert all(engine_processes(actor) for actor in actors), "the engines run in-process, not as GPU engines do"
+        victim = actor_pid(actors[1])
+        sender = sender_for(actors, config)
+        weights = model_weights(learner_model)
+
+        def killing_stream():
+            for index, item in enumerate(weights.items()):
+                if index == 3:  # the first buffers are out: the receivers are inside update_weights
+                    os.kill(victim, signal.SIGKILL)
+                    time.sleep(1.0)
+                yield item
+
+        metadata = [(name, list(t.shape), t.dtype) for name, t in weights.items()]
+        started = time.monotonic()
+        with pytest.raises(Exception) as failure:
+            sender.send(WeightStream(metadata, killing_stream()), version=1)
+        assert time.monotonic() - started < 30, "the push waited for the dead receiver"
+        assert is_actor_failure(failure.value), failure.value
+        assert failed_actor_id(failure.value) == actors[1]._actor_id.hex()
+
+        replacement = create_rollout_actor(config, str(engine_model), max_model_len=64)
+        pool = [actors[0], replacement]
+        sender = sender_for(pool, config)
+        assert WeightPush(2, sender.send(weights, 2), [a._actor_id.hex() for a in pool], 60).confirm() == 2
+        expected = reference_greedy(learner_model)
+        assert [greedy(actor) for actor in pool] == [expected, expected]
+    finally:
+        for actor in [*actors, replacement]:
+            if actor is not None:
+                ray.kill(actor)
+
+
+def test_a_receiver_that_does_not_answer_fails_the_push_within_its_bound(local_ray, tied_models):
+    import os
+    import signal
+    import time
+
+    from ebft.actor_failures import UnresponsiveActorError, failed_actor_id
+
+    engine_model, _ = tied_models
+    config = gloo_config(engine_model, weight_sync_timeout_s=10)
+    actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
+    try:
+        sender = sender_for(actors, config)
+        frozen = actor_pid(actors[0])
+        os.kill(frozen, signal.SIGSTOP)  # alive but never answering, as a wedged engine would be
+        started = time.monotonic()
+        with pytest.raises(UnresponsiveActorError) as failure:
+            sender.send(model_weights(engine_model), version=1)
+        assert time.monotonic() - started < 10 + 15
+        assert failed_actor_id(failure.value) == actors[0]._actor_id.hex()
+        os.kill(frozen, signal.SIGCONT)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def test_engines_left_by_a_learner_that_died_mid_push_accept_the_restarted_learner(local_ray, tied_models):
+    import time
+
+    from ebft.learner.weight_sender import WeightPush, WeightStream
+
+    engine_model, learner_model = tied_models
+    config = gloo_config(engine_model, weight_sync_timeout_s=60)
+    actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
+
+    class SlowLearner:  # a learner's rank 0 whose push stalls after its first buffers
+        def push(self, actors, config, weights, port):
+            from ebft.learner.weight_sender import make_weight_sender
+
+            sender = make_weight_sender(
+                config, actors, master_address="127.0.0.1", master_port=port, device=torch.device("cpu")
+            )
+            sender.connect()
+
+            def stalling():
+                for index, item in enumerate(weights.items()):
+                    if index == 3:
+                        time.sleep(600)
+                    yield item
+
+            metadata = [(name, list(t.shape), t.dtype) for name, t in weights.items()]
+            sender.send(WeightStream(metadata, stalling()), version=1)
+
+    dying = ray.remote(num_cpus=0)(SlowLearner).remote()
+    try:
+        dying.push.remote(actors, config, model_weights(engine_model), free_port())
+        time.sleep(8)  # connected, and inside the push
+        ray.kill(dying)
+        started = time.monotonic()
+        sender = sender_for(actors, config)
+        weights = model_weights(learner_model)
+        assert WeightPush(1, sender.send(weights, 1), [a._actor_id.hex() for a in actors], 60).confirm() == 1
+        assert time.monotonic() - started < 60
+        expected = reference_greedy(learner_model)
+        assert [greedy(actor) for actor in actors] == [expected, expected]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------- whole runs over the gloo protocol
+
+
+@pytest.mark.parametrize(
+    "victim, after_rows",
+    [("RolloutWorker", 1), ("VLLM::EngineCore", 1), ("LearnerRankActor", 2)],
+    ids=["rollout-actor", "engine-core-alone", "learner-rank"],
+)
+def test_a_gloo_run_survives_each_kill_and_trains_every_chunk_once(
+    local_ray, tiny_model_with_tokenizer, tmp_path, victim, after_rows
+):
+    """SIGKILL, mid-run, a rollout actor (its EngineCore goes with it), an engine's EngineCore process on its own
+    (the actor ends itself and is replaced), or the learner rank (engines left inside its push give up and take
+    the restarted learner's connection): the run finishes with every scheduled chunk trained exactly once."""
+    import threading
+
+    from ebft.cluster.train import run
+
+    config = build_config(
+        tiny_run_config(
+            tiny_model_with_tokenizer,
+            tmp_path / "run",
+            rollout={"weight_transport": "gloo", "weight_sync_timeout_s": 60},
+            training={"steps": 4, "max_staleness": 0},
+        )
+    )
+    killed = []
+    killer = threading.Thread(
+        target=kill_actor_processes, args=(victim, after_rows, tmp_path / "run" / "metrics.jsonl", killed)
+    )
+    killer.start()
+    summary = run(config)
+    killer.join(timeout=5)
+    assert killed, f"no {victim} was killed"
+    assert summary.restarts >= 1
+    assert summary.trained_chunks == summary.scheduled_chunks == 8
+    assert sorted(summary.trained_chunk_ids) == list(range(8))
+    assert not engine_cores_left(), "an EngineCore outlived its rollout actor"
+    if victim == "VLLM::EngineCore":
+        assert "EngineCore process died" in (summary.run_dir / "logs" / "rollout-0.log").read_text()
+
+
+def engine_cores_left(wait_s: float = 15.0) -> list:
+    """This test's EngineCore processes still running once the run's actors are gone (give Ray a moment)."""
+    import time
+
+    import psutil
+
+    def running_engine_core(process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join(process.cmdline())
+        except psutil.Error:  # gone (or a zombie) meanwhile
+            return False
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [p for p in psutil.Process().children(recursive=True) if running_engine_core(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
