@@ -135,9 +135,9 @@ def pushed_weights(group) -> dict[str, torch.Tensor]:
 
 
 def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list) -> None:
-    """SIGKILL this test's `ray::<class_name>` processes (as an OOM killer or a lost node would) once
-    `metrics` holds `after_rows` training rows; other runs on the machine are left alone. A name with its own
-    prefix (`VLLM::EngineCore`) is matched as it is."""
+    """SIGKILL this test's `ray::<class_name>` processes (as an OOM killer or a lost node would) once `metrics` holds
+    `after_rows` training rows (`metrics` None: at once); other runs on the machine are left alone. A name with its
+    own prefix (`VLLM::EngineCore`) is matched as it is."""
     import os
     import signal
     import time
@@ -146,7 +146,7 @@ def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list
 
     prefix = class_name if "::" in class_name else f"ray::{class_name}"
     deadline = time.time() + 600
-    while time.time() < deadline:
+    while metrics is not None and time.time() < deadline:
         if metrics.exists() and metrics.read_text().count("train/policy_loss") >= after_rows:
             break
         time.sleep(0.2)

@@ -114,3 +114,16 @@ def test_tensor_parallel_rollout_engines_get_their_size_and_the_gpu_transfer_bac
     assert built["weight_transfer_config"].backend == "ebft_nccl"
     assert built["gpu_memory_utilization"] == config.rollout.gpu_memory_utilization
     assert "kv_cache_memory_bytes" not in built
+
+
+def test_pools_that_need_more_gpus_than_the_cluster_has_are_a_config_error(monkeypatch):
+    import ray
+
+    from ebft.cluster.placement import check_fits
+    from ebft.config import ConfigError
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    gpus = {pool: {"gpus_per_actor": 1} for pool in ("rollout", "features", "learner")}
+    with pytest.raises(ConfigError, match="the pools need 3 GPU but the Ray cluster has 1"):
+        check_fits(build_config({"resources": gpus}))
+    check_fits(build_config({"resources": {"rollout": {"gpus_per_actor": 1}}}))

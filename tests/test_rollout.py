@@ -232,7 +232,8 @@ def test_pool_actors_serialize_an_update_behind_a_running_chunk_batch(
         assert not ready, "the chunk batch finished before the update was sent; make it bigger"
         new_model = hf_model(new_weights_dir)
         sender = ObjectStoreWeightSender(actors)
-        push = WeightPush(1, sender.send(new_model.state_dict(), version=1))  # returns at once
+        ids = [actor._actor_id.hex() for actor in actors]
+        push = WeightPush(1, sender.send(new_model.state_dict(), version=1), ids, timeout_s=120)  # returns at once
         ready, _ = ray.wait([running], timeout=0)
         assert not ready, "the push waited for the running batch"
         after = actors[0].generate.remote(big)

@@ -170,7 +170,7 @@ def test_a_receiver_that_does_not_answer_fails_the_push_within_its_bound(local_r
     from ebft.actor_failures import UnresponsiveActorError, failed_actor_id
 
     engine_model, _ = tied_models
-    config = gloo_config(engine_model, weight_sync_timeout_s=10)
+    config = gloo_config(engine_model, weight_sync_timeout_s=20)
     actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
     try:
         sender = sender_for(actors, config)
@@ -179,7 +179,7 @@ def test_a_receiver_that_does_not_answer_fails_the_push_within_its_bound(local_r
         started = time.monotonic()
         with pytest.raises(UnresponsiveActorError) as failure:
             sender.send(model_weights(engine_model), version=1)
-        assert time.monotonic() - started < 10 + 15
+        assert time.monotonic() - started < 20 + 15
         assert failed_actor_id(failure.value) == actors[0]._actor_id.hex()
         os.kill(frozen, signal.SIGCONT)
     finally:
@@ -236,18 +236,20 @@ def test_engines_left_by_a_learner_that_died_mid_push_accept_the_restarted_learn
 
 @pytest.mark.parametrize(
     "victim, after_rows",
-    [("RolloutWorker", 1), ("VLLM::EngineCore", 1), ("LearnerRankActor", 2)],
-    ids=["rollout-actor", "engine-core-alone", "learner-rank"],
+    [("RolloutWorker", 1), ("RolloutWorker", "push"), ("VLLM::EngineCore", 1), ("LearnerRankActor", 2)],
+    ids=["rollout-actor", "rollout-actor-in-a-push", "engine-core-alone", "learner-rank"],
 )
 def test_a_gloo_run_survives_each_kill_and_trains_every_chunk_once(
-    local_ray, tiny_model_with_tokenizer, tmp_path, victim, after_rows
+    local_ray, tiny_model_with_tokenizer, tmp_path, monkeypatch, victim, after_rows
 ):
-    """SIGKILL, mid-run, a rollout actor (its EngineCore goes with it), an engine's EngineCore process on its own
-    (the actor ends itself and is replaced), or the learner rank (engines left inside its push give up and take
-    the restarted learner's connection): the run finishes with every scheduled chunk trained exactly once."""
+    """SIGKILL, mid-run, a rollout actor (at some point of a step, or while the learner pushes to it; its EngineCore
+    goes with it), an engine's EngineCore process on its own (the actor ends itself and is replaced), or the
+    learner rank (engines left inside its push give up and take the restarted learner's connection): the run
+    finishes with every scheduled chunk trained exactly once."""
     import threading
 
     from ebft.cluster.train import run
+    from ebft.learner.group import LearnerGroup
 
     config = build_config(
         tiny_run_config(
@@ -258,9 +260,21 @@ def test_a_gloo_run_survives_each_kill_and_trains_every_chunk_once(
         )
     )
     killed = []
-    killer = threading.Thread(
-        target=kill_actor_processes, args=(victim, after_rows, tmp_path / "run" / "metrics.jsonl", killed)
-    )
+    if after_rows == "push":  # the second push: the learner's rank 0 waits for the actor to enter, or sends to it
+        push, pushes = LearnerGroup.push_weights, []
+
+        def push_and_kill(group):
+            pushes.append(1)
+            if len(pushes) == 2:
+                threading.Thread(target=kill_actor_processes, args=(victim, 0, None, killed)).start()
+            return push(group)
+
+        monkeypatch.setattr(LearnerGroup, "push_weights", push_and_kill)
+        killer = threading.Thread(target=lambda: None)
+    else:
+        killer = threading.Thread(
+            target=kill_actor_processes, args=(victim, after_rows, tmp_path / "run" / "metrics.jsonl", killed)
+        )
     killer.start()
     summary = run(config)
     killer.join(timeout=5)
@@ -269,8 +283,6 @@ def test_a_gloo_run_survives_each_kill_and_trains_every_chunk_once(
     assert summary.trained_chunks == summary.scheduled_chunks == 8
     assert sorted(summary.trained_chunk_ids) == list(range(8))
     assert not engine_cores_left(), "an EngineCore outlived its rollout actor"
-    if victim == "VLLM::EngineCore":
-        assert "EngineCore process died" in (summary.run_dir / "logs" / "rollout-0.log").read_text()
 
 
 def engine_cores_left(wait_s: float = 15.0) -> list:

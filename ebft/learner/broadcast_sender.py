@@ -15,7 +15,7 @@ buffer's broadcast. A receiver that fails or does not answer is reported as that
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,8 +58,6 @@ def checked(stream: WeightStream) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class BroadcastWeightSender(WeightSender):
-    """`open_group` (backend, address, port, world_size, timeout_s) -> TransferGroup is injectable for tests."""
-
     def __init__(
         self,
         receivers: Sequence[Any],
@@ -70,21 +68,14 @@ class BroadcastWeightSender(WeightSender):
         timeout_s: float,
         device: torch.device,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-        open_group: Callable[..., TransferGroup] | None = None,
     ) -> None:
         super().__init__(receivers)
         self.backend, self.master_address, self.master_port = backend, master_address, master_port
         self.timeout_s, self.device, self.buffer_bytes = timeout_s, device, buffer_bytes
-        self._open_group = open_group or self._open_rank0
         self.group: TransferGroup | None = None
         self.rank_offsets: list[int] = []
         self.sizes: list[int] = []
         self.rounds = 0
-
-    def _open_rank0(self, world_size: int) -> TransferGroup:
-        return open_transfer_group(
-            self.backend, self.master_address, self.master_port, 0, world_size, self.device, self.timeout_s
-        )
 
     def connect(self) -> None:
         # A receiver may still be inside a push of a learner that died: it gives up after its own bound.
@@ -106,7 +97,9 @@ class BroadcastWeightSender(WeightSender):
         # The receivers block in the rendezvous until rank 0 joins: start them first.
         joined = [receiver.init_weight_transfer.remote(info) for receiver, info in zip(self.receivers, infos)]
         try:
-            self.group = self._open_group(world_size)
+            self.group = open_transfer_group(
+                self.backend, self.master_address, self.master_port, 0, world_size, self.device, self.timeout_s
+            )
         except Exception as error:
             raise self._failure(joined, "join the weight-transfer group") from error
         self._wait(joined, self.timeout_s)
@@ -122,7 +115,9 @@ class BroadcastWeightSender(WeightSender):
             self._wait_entered(acknowledgments)
             send_packed(checked(stream), self.group, self.buffer_bytes)
         except Exception as error:
-            self.close()
+            self.close()  # receivers inside the broadcast fail it at once, tear their group down and answer
+            if is_actor_failure(error):
+                raise
             raise self._failure(acknowledgments, "receive the weights") from error
         return acknowledgments
 
@@ -139,7 +134,8 @@ class BroadcastWeightSender(WeightSender):
             if failed:
                 ray.get(failed)  # raises the receiver's error
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout engines {missing} did not enter the weight push in {self.timeout_s:g} s")
+                self.close()
+                raise self._failure(acknowledgments, "enter the weight push", [acknowledgments[i] for i in missing])
 
     def _ranks(self) -> list[range]:
         return [range(offset, offset + size) for offset, size in zip(self.rank_offsets, self.sizes)]
@@ -150,17 +146,18 @@ class BroadcastWeightSender(WeightSender):
     def _wait(self, futures: list, timeout_s: float) -> list:
         import ray
 
-        done, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
-        if len(done) < len(futures):
-            raise self._failure(futures, "answer")
+        done, late = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
+        if late:
+            raise self._failure(futures, "answer", late)
         return ray.get(futures)
 
-    def _failure(self, futures: list, what: str) -> Exception:
-        """The error that names the receiver to blame: one whose call failed as an actor failure, else one that has
-        not answered (unresponsive); else whatever error a receiver raised."""
+    def _failure(self, futures: list, what: str, late: list = ()) -> Exception:
+        """The error that names the receiver to blame: one whose call failed as an actor failure, else one that had
+        not answered in time (`late`, or still running now: unresponsive); else whatever error a receiver raised."""
         import ray
 
         done, _ = ray.wait(futures, num_returns=len(futures), timeout=min(self.timeout_s, 10.0))
+        done = [future for future in done if future not in late]
         errors = []
         for future in done:
             try:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
 from ebft.config import BROADCAST_TRANSPORTS, Config
 from ebft.messages import WeightUpdate
 
@@ -45,6 +44,8 @@ class WeightPush:
     def confirm(self) -> int:
         """Raises an actor's failure (ebft.actor_failures) if one died or did not answer within the bound."""
         import ray
+
+        from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
 
         done, _ = ray.wait(self.acknowledgments, num_returns=len(self.acknowledgments), timeout=self.timeout_s)
         reported, errors = [], []
