@@ -65,7 +65,8 @@ class StandInLearner:
         self.sender = ObjectStoreWeightSender(rollout_actors)
 
     def push_weights(self) -> WeightPush:
-        return WeightPush(self.version, self.sender.send({}, self.version))
+        ids = [actor._actor_id.hex() for actor in self.sender.receivers]
+        return WeightPush(self.version, self.sender.send({}, self.version), ids, timeout_s=600)
 
 
 class CountingStream:
