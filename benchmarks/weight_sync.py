@@ -1,13 +1,16 @@
 """Weight-sync benchmark: time to push the policy to one and to two rollout actors vs one training step.
 
-SmolLM2-135M (bf16) on both sides, as in a run: a `LearnerGroup` (DeepSpeed ZeRO-2, gradient
-checkpointing, torch AdamW) and `RolloutWorker` vLLM engines in Ray actors. The learner trains on
+SmolLM2-135M on both sides (`model.dtype: auto`: bf16 where the CPU computes it natively, else float32; `--dtype`),
+as in a run: a `LearnerGroup` (DeepSpeed ZeRO-2, gradient checkpointing, torch AdamW) and rollout actors
+(`create_rollout_actor`) in Ray. The learner trains on
 real rollouts of Python stdlib text sampled by the first rollout actor (random features stand in
 for the feature network, which the learner's step does not depend on for its cost).
 
-A push is `LearnerGroup.push_weights().confirm()` timed from the driver, as a training step runs it:
-rank 0 gathers its weights, puts their bytes once in the object store,
-and every actor loads them into its running engine and reports the new version. Step time is `LearnerGroup.train_step`
+A push is `LearnerGroup.push_weights().confirm()` timed from the driver, as a training step runs it, over
+`--transport`: `object_store` (rank 0 puts the weights' bytes once in the object store and every actor loads them
+into its in-process engine) or `gloo` (vLLM's weight-transfer protocol, as NCCL runs it on GPUs: engines in their
+own EngineCore processes, rank 0 broadcasting packed buffers after every worker entered); either way every actor
+reports the new version. Step time is `LearnerGroup.train_step`
 timed from the driver. Every push carries a new weight version, so pushes follow steps:
 
     step 1 (warm-up) -> push to A and B (warm-up)
@@ -18,7 +21,8 @@ packed tokens); the paper's step (16 documents x 4 samples, T = 1024) is ~65x mo
 same push, so its ratio is correspondingly lower. The last line is JSON; `ratio` is the two-actor
 push time over the median step time.
 
-    python benchmarks/weight_sync.py [--docs-per-step 1] [--chunk-length 256] [--repeats 1] [--learner-cpus 2]
+    python benchmarks/weight_sync.py [--transport object_store|gloo] [--dtype auto|bfloat16|float32]
+                                     [--docs-per-step 1] [--chunk-length 256] [--repeats 1] [--learner-cpus 2]
 """
 
 from __future__ import annotations
@@ -59,25 +63,27 @@ def main() -> None:
     parser.add_argument("--chunk-length", type=int, default=256, help="T; (T - 16) must be a multiple of 8")
     parser.add_argument("--repeats", type=int, default=1, help="timed (one-actor, two-actor) push pairs")
     parser.add_argument("--learner-cpus", type=float, default=2, help="CPUs (torch threads) of the learner rank")
+    parser.add_argument("--transport", choices=["object_store", "gloo"], default="object_store")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     args = parser.parse_args()
 
-    from ebft.actors.rollout import RolloutWorker
+    from ebft.actors.pool import create_rollout_actor
     from ebft.learner.group import LearnerGroup
     from ebft.model_sources import smollm2_path
 
     model_path = str(smollm2_path())
     config = build_config(
         {
-            "model": {"policy": model_path, "dtype": "bfloat16"},
+            "model": {"policy": model_path, "dtype": args.dtype},
             "data": {"chunk_length": args.chunk_length},
             "sampling": {"context_length": C, "stride": S, "block_length": G, "num_samples": N},
-            "rollout": {"kv_cache_gib": 0.25},
+            "rollout": {"kv_cache_gib": 0.25, "weight_transport": args.transport},
             "learner": {"zero_stage": 2, "micro_batch_docs": 1, "gradient_checkpointing": True},
             "optim": {"lr": 1e-6, "warmup_fraction": 0.0},
             "training": {"docs_per_step": args.docs_per_step, "steps": 100},
             "resources": {
                 "learner": {"num_actors": 1, "cpus_per_actor": args.learner_cpus},
-                "rollout": {"num_actors": 2},
+                "rollout": {"num_actors": 2, "cpus_per_actor": 1},
             },
         }
     )
@@ -85,8 +91,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=int(args.learner_cpus) + 2, include_dashboard=False, log_to_driver=False)
     try:
         started = time.perf_counter()
-        remote_worker = ray.remote(num_cpus=1)(RolloutWorker)
-        actors = [remote_worker.remote(config, model_path, enforce_eager=True) for _ in range(2)]
+        actors = [create_rollout_actor(config, model_path, enforce_eager=True) for _ in range(2)]
         group = LearnerGroup(config, model_path)
         chunks = ChunkBatch(list(range(docs)), stdlib_chunks(model_path, docs, args.chunk_length), step=0)
         ray.get([actor.weight_version.remote() for actor in actors])
@@ -145,14 +150,14 @@ def main() -> None:
     sync_one, sync_two = min(one), min(two)
     packed_tokens = docs * (args.chunk_length + N * config.num_blocks * G)  # the document once, then its samples
     print(
-        f"SmolLM2-135M bf16, {docs} doc(s) x {N} samples x T={args.chunk_length} "
+        f"SmolLM2-135M {config.model.dtype}, {args.transport}, {docs} doc(s) x {N} samples x T={args.chunk_length} "
         f"({packed_tokens} packed tokens per step)"
     )
     print(f"training step (median of {len(steps)}): {step_s:.2f} s")
     print(f"push to 1 rollout actor: {sync_one:.2f} s  (ratio {sync_one / step_s:.3f})")
     print(f"push to 2 rollout actors: {sync_two:.2f} s  (ratio {sync_two / step_s:.3f})")
     returns_s = min(returned[1:])
-    print(f"push returns to the controller after (gather + object store put): {returns_s:.2f} s")
+    print(f"push returns to the controller after (gather + send): {returns_s:.2f} s")
     emit(
         {
             "benchmark": "weight_sync",
@@ -167,7 +172,8 @@ def main() -> None:
             "docs_per_step": docs,
             "chunk_length": args.chunk_length,
             "model": "SmolLM2-135M",
-            "dtype": "bfloat16",
+            "dtype": config.model.dtype,
+            "transport": args.transport,
             "learner_cpus": args.learner_cpus,
             "goal": "ratio < 0.10",
         }
