@@ -1,6 +1,8 @@
 """Rollout benchmark: generated tokens per second, vLLM rollout engine vs the authors' packed sampler.
 
-Same model and geometry for both: SmolLM2-135M (bf16; `--model tiny` for a 4-layer random Llama),
+Same model, dtype and geometry for both: SmolLM2-135M (`--model tiny` for a 4-layer random Llama) in `model.dtype:
+auto` (bf16 where the CPU computes it natively, float32 elsewhere, where emulated bf16 is several times slower;
+`--dtype` to choose),
 T = 256, C = s = G = 8 (NB = 31), n = 4, temperature 0.6, chunks of real text (Python stdlib sources).
 
 (a) `RolloutWorker.generate` (in-process vLLM engine): the NB nested prefixes of each chunk as prompts
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--baseline-docs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--eager", action="store_true", help="no torch.compile in vLLM: ~1 min faster start")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -139,7 +142,7 @@ def main() -> None:
             model_path = tiny_llama(scratch)
         config = build_config(
             {
-                "model": {"policy": model_path, "dtype": "bfloat16"},
+                "model": {"policy": model_path, "dtype": args.dtype},
                 "data": {"chunk_length": T},
                 "sampling": {"context_length": C, "stride": S, "block_length": G, "num_samples": N},
                 "rollout": {"kv_cache_gib": 1.0},
@@ -149,15 +152,16 @@ def main() -> None:
         docs = text_chunks(model_path, args.docs)
         tokens_per_doc = N * plan.num_blocks * G
         print(
-            f"model {args.model} ({model_path}); T={T} C={C} s={S} G={G} n={N} NB={plan.num_blocks}; "
-            f"torch threads {torch.get_num_threads()}"
+            f"model {args.model} ({model_path}, {config.model.dtype}); T={T} C={C} s={S} G={G} n={N} "
+            f"NB={plan.num_blocks}; torch threads {torch.get_num_threads()}"
         )
 
         from transformers import AutoModelForCausalLM
 
         from ebft.actors.rollout import RolloutWorker
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, attn_implementation="sdpa")
+        dtype = getattr(torch, config.model.dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
         model.eval()
         baseline_docs = docs[: args.baseline_docs]
         started = time.perf_counter()
@@ -202,6 +206,7 @@ def main() -> None:
             "actor_tok_s": round(actor_rate, 1),
             "baseline_tok_s": round(baseline_rate, 1),
             "model": args.model,
+            "dtype": config.model.dtype,
             "T": T,
             "C": C,
             "s": S,
