@@ -130,10 +130,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--chunk-length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: model.dtype auto"
+    )
     parser.add_argument("--child", choices=["dense", "blocks"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dtype == "auto":  # bf16 where the CPU (or a GPU) computes it natively, else float32
+        from ebft.config import build_config
+
+        args.dtype = build_config({}).model.dtype
     if args.child:
         print(json.dumps(run_path(args.child, args)))
         return
