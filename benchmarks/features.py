@@ -1,7 +1,7 @@
 """Feature-worker benchmark at the paper's geometry: bytes shipped per document, and throughput vs workers.
 
 Geometry: T = 1024, C = s = G = 8 (NB = 127), n = 4, features at 3 layers (D = 3 x hidden size).
-- pooled: the FeatureBatch a feature worker returns (float32 [n, NB, D] + [NB, D] per document);
+- pooled: the FeatureBatch a feature worker returns (float32 [NB, n, D] + [NB, D] per document);
 - per-token (the authors' approach): float32 hidden features [n, T + NB*G, D] per document, the ground truth
   recomputed inside each of the n packed rows, built here from a real packed forward.
 Both sizes are measured as the pickled bytes of the objects. Throughput: rollout features (docs x n x NB

@@ -203,7 +203,7 @@ def check_rewards(args, device) -> dict:
     from ebft.rewards import compute_rewards
 
     torch.manual_seed(0)
-    X = torch.nn.functional.normalize(torch.randn(16, N, 127, 4608), dim=-1).transpose(1, 2)  # as training has it
+    X = torch.nn.functional.normalize(torch.randn(16, 127, N, 4608), dim=-1)  # [docs, NB, n, D], as training has it
     y = torch.nn.functional.normalize(torch.randn(16, 127, 4608), dim=-1)
     reward = RewardConfig(diversity_coef=1.0, whitening="sample")
     cpu_s, _, cpu_out = timed(lambda: compute_rewards(X, y, reward).advantages, args.repeats, torch.device("cpu"))

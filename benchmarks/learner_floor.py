@@ -44,7 +44,7 @@ def step_batch(plan: BlockPlan, docs: torch.Tensor, version: int, seed: int, fea
     batch = RolloutBatch(chunks, rollouts, torch.full(rollouts.shape, -1.0), weight_version=version)
     features = FeatureBatch(
         chunks.chunk_ids,
-        torch.randn(docs.shape[0], n, NB, feature_dim, generator=generator),
+        torch.randn(docs.shape[0], NB, n, feature_dim, generator=generator),
         torch.randn(docs.shape[0], NB, feature_dim, generator=generator),
     )
     return [batch], [features]

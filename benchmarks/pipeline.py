@@ -46,7 +46,7 @@ class StandInFeatures:
         time.sleep(self.seconds)
         docs, n, nb, _ = batch.tokens.shape
         return FeatureBatch(
-            batch.chunks.chunk_ids, torch.zeros(docs, n, nb, 4), torch.zeros(docs, nb, 4), elapsed_s=self.seconds
+            batch.chunks.chunk_ids, torch.zeros(docs, nb, n, 4), torch.zeros(docs, nb, 4), elapsed_s=self.seconds
         )
 
 

@@ -102,7 +102,7 @@ def main() -> None:
         dim = 3 * 576
         features = FeatureBatch(
             chunks.chunk_ids,
-            torch.randn(docs, N, config.num_blocks, dim, generator=generator),
+            torch.randn(docs, config.num_blocks, N, dim, generator=generator),
             torch.randn(docs, config.num_blocks, dim, generator=generator),
         )
 

@@ -47,7 +47,7 @@ class FeatureBatch:
 
     chunk_ids: list[int]
     rollout_features: torch.Tensor
-    """[docs, n, NB, D] float32."""
+    """[docs, NB, n, D] float32: each block's n samples together, as the reward kernel groups them."""
     gt_features: torch.Tensor
     """[docs, NB, D] float32."""
     elapsed_s: float = 0.0

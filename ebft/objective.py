@@ -16,14 +16,14 @@ import torch
 
 
 def cfm_unbiased(rollout_features: torch.Tensor, gt_features: torch.Tensor) -> torch.Tensor:
-    """rollout_features [docs, n, NB, D], gt_features [docs, NB, D] -> [docs, NB] float64 (n >= 2)."""
+    """rollout_features [docs, NB, n, D], gt_features [docs, NB, D] -> [docs, NB] float64 (n >= 2)."""
     x = rollout_features.double()
     y = gt_features.double()
-    n = x.shape[1]
+    n = x.shape[-2]
     if n < 2:
         raise ValueError(f"the unbiased estimate needs n >= 2 samples per block, got {n}")
-    total = x.sum(dim=1)  # [docs, NB, D]
-    squared_norms = x.square().sum(-1).sum(1)  # sum_j |phi_j|^2, [docs, NB]
+    total = x.sum(dim=-2)  # [docs, NB, D]
+    squared_norms = x.square().sum(-1).sum(-1)  # sum_j |phi_j|^2, [docs, NB]
     cross = (total.square().sum(-1) - squared_norms) / (n * (n - 1))  # mean over ordered pairs j != j'
     alignment = (total * y).sum(-1) / n
     return cross - 2 * alignment + y.square().sum(-1)
@@ -31,4 +31,4 @@ def cfm_unbiased(rollout_features: torch.Tensor, gt_features: torch.Tensor) -> t
 
 def cfm_plugin(rollout_features: torch.Tensor, gt_features: torch.Tensor) -> torch.Tensor:
     """||mean_j phi_j - phi_y||^2: [docs, NB] float64."""
-    return (rollout_features.double().mean(dim=1) - gt_features.double()).square().sum(-1)
+    return (rollout_features.double().mean(dim=-2) - gt_features.double()).square().sum(-1)

@@ -92,8 +92,8 @@ def compute_rewards(rollout_features: torch.Tensor, gt_features: torch.Tensor, r
     Batched over all leading dimensions. Returns float32 tensors [..., n]. Degenerate groups
     (identical rollouts, zero features) give finite values.
     """
-    # Contiguous: both products below read X, and on a transposed view (the learner's [N, n, NB, D] features seen as
-    # [N, NB, n, D]) they run ~2.7x slower than one copy plus the products (benchmarks/rewards.py).
+    # Contiguous: both products below read X, and on a transposed view they ran ~2.7x slower than one copy plus the
+    # products (benchmarks/rewards.py). Feature workers return [docs, NB, n, D], already contiguous: no copy then.
     X = rollout_features.float().contiguous()
     y = gt_features.float().contiguous()
     if X.shape[:-2] != y.shape[:-1] or X.shape[-1] != y.shape[-1]:

@@ -51,7 +51,7 @@ def make_batch(docs: int, *, seed: int, version: int, first_chunk: int = 0, beha
         behavior = torch.zeros(docs, N_SAMPLES, NB, G)
     rollouts = RolloutBatch(chunks, tokens, behavior, weight_version=version)
     features = FeatureBatch(
-        chunks.chunk_ids, torch.randn(docs, N_SAMPLES, NB, D, generator=gen), torch.randn(docs, NB, D, generator=gen)
+        chunks.chunk_ids, torch.randn(docs, NB, N_SAMPLES, D, generator=gen), torch.randn(docs, NB, D, generator=gen)
     )
     return rollouts, features
 
@@ -94,13 +94,13 @@ def reference_logprobs(model, doc, rollout, temperature):
 
 
 def reference_advantages(rollout_features, gt_features, config):
-    """[docs, n, NB] advantages, one (document, block) group at a time."""
+    """[docs, n, NB] advantages of rollout_features [docs, NB, n, D], one (document, block) group at a time."""
     a, d = config.reward.alignment_coef, config.reward.diversity_coef
-    docs, n = rollout_features.shape[:2]
+    docs, n = rollout_features.shape[0], rollout_features.shape[2]
     out = torch.zeros(docs, n, NB, dtype=torch.float64)
     for i in range(docs):
         for k in range(NB):
-            X, y = rollout_features[i, :, k].double(), gt_features[i, k].double()
+            X, y = rollout_features[i, k].double(), gt_features[i, k].double()
             if config.reward.whitening != "none":
                 groups = compute_rewards(
                     X[None].float(),

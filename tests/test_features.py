@@ -104,7 +104,7 @@ def test_rollout_features_equal_separate_forwards_of_prefix_plus_rollout(
 
     layers = [int(f * TINY_LAYERS) for f in config.features.layer_fractions]
     assert features.chunk_ids == [7, 3]
-    assert features.rollout_features.shape == (2, 3, 8, len(layers) * 64)
+    assert features.rollout_features.shape == (2, 8, 3, len(layers) * 64)  # [docs, NB, n, D]
     assert features.rollout_features.dtype == torch.float32
     model = reference_model(tiny_model_dir)
     docs, rollouts = batch.chunks.tokens, batch.tokens
@@ -116,7 +116,7 @@ def test_rollout_features_equal_separate_forwards_of_prefix_plus_rollout(
                     sequence = torch.cat([docs[d, :prefix_length], rollouts[d, j, k]])
                     hidden = model(input_ids=sequence[None], output_hidden_states=True).hidden_states
                     expected = reference_feature(hidden, layers, range(prefix_length, prefix_length + 4), pooling)
-                    torch.testing.assert_close(features.rollout_features[d, j, k].double(), expected, atol=1e-5, rtol=0)
+                    torch.testing.assert_close(features.rollout_features[d, k, j].double(), expected, atol=1e-5, rtol=0)
 
 
 def test_block_attention_with_a_padded_last_group_equals_separate_forwards(tiny_model_dir):
@@ -139,7 +139,7 @@ def test_block_attention_with_a_padded_last_group_equals_separate_forwards(tiny_
                 sequence = torch.cat([docs[0, :prefix_length], rollouts[0, j, k]])
                 hidden = model(input_ids=sequence[None], output_hidden_states=True).hidden_states
                 expected = reference_feature(hidden, layers, range(prefix_length, prefix_length + 4), "mean")
-                torch.testing.assert_close(features.rollout_features[0, j, k].double(), expected, atol=1e-5, rtol=0)
+                torch.testing.assert_close(features.rollout_features[0, k, j].double(), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

@@ -172,7 +172,7 @@ def test_batches_are_validated_and_sharded():
     )
     inputs = prepare_inputs([a[0]], [a[1]], 2, config, plan)
     expected = compute_rewards(
-        a[1].rollout_features[1, :, 3], a[1].gt_features[1, 3], RewardConfig(diversity_coef=0.5, whitening="none")
+        a[1].rollout_features[1, 3], a[1].gt_features[1, 3], RewardConfig(diversity_coef=0.5, whitening="none")
     )
     torch.testing.assert_close(inputs.advantages[1, :, 3], expected.advantages)
     with pytest.raises(ValueError, match="max_staleness"):

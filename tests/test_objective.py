@@ -13,13 +13,13 @@ from ebft.objective import cfm_plugin, cfm_unbiased
 def test_unbiased_cfm_equals_a_float64_loop():
     generator = torch.Generator().manual_seed(0)
     docs, n, NB, D = 3, 5, 4, 7
-    x = torch.randn(docs, n, NB, D, generator=generator)
+    x = torch.randn(docs, NB, n, D, generator=generator)
     y = torch.randn(docs, NB, D, generator=generator)
     got = cfm_unbiased(x, y)
     assert got.dtype == torch.float64 and got.shape == (docs, NB)
     for d in range(docs):
         for k in range(NB):
-            phis = [[float(v) for v in x[d, j, k]] for j in range(n)]
+            phis = [[float(v) for v in x[d, k, j]] for j in range(n)]
             phi_y = [float(v) for v in y[d, k]]
             dot = lambda a, b: sum(p * q for p, q in zip(a, b))  # noqa: E731
             pairs = sum(dot(phis[a], phis[b]) for a in range(n) for b in range(n) if a != b) / (n * (n - 1))
@@ -36,7 +36,7 @@ def test_unbiased_cfm_has_the_objective_as_expectation_and_the_plugin_is_biased_
     generator = torch.Generator().manual_seed(1)
     groups, n, D, sigma = 20_000, 4, 6, 0.5
     mu, y = torch.full((D,), 0.3), torch.zeros(D)
-    x = mu + sigma * torch.randn(groups, n, 1, D, generator=generator, dtype=torch.float64)
+    x = mu + sigma * torch.randn(groups, 1, n, D, generator=generator, dtype=torch.float64)
     target = y.expand(groups, 1, D)
     objective = float((mu - y).square().sum())
     unbiased, plugin = cfm_unbiased(x, target).flatten(), cfm_plugin(x, target).flatten()
@@ -46,7 +46,7 @@ def test_unbiased_cfm_has_the_objective_as_expectation_and_the_plugin_is_biased_
     assert abs(float(plugin.mean()) - objective - bias) < 4 * stderr(plugin)
     assert bias > 20 * stderr(plugin)  # the test would notice the plug-in's bias in the unbiased estimate
     with pytest.raises(ValueError, match="n >= 2"):
-        cfm_unbiased(x[:, :1], target)
+        cfm_unbiased(x[:, :, :1], target)
 
 
 def test_paired_bootstrap_interval_covers_a_known_difference_about_95_percent_of_the_time():

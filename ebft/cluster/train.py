@@ -476,7 +476,7 @@ def sample_rows(config: Config, tokenizer, result: StepResult, blocks: int = 4) 
     plan = BlockPlan.from_config(config)
     rollout, features = result.rollouts[0], result.features[0]
     rewards = compute_rewards(
-        features.rollout_features[0].transpose(0, 1),
+        features.rollout_features[0],
         features.gt_features[0],
         config.reward,  # [NB, n, D], [NB, D]
     ).rewards

@@ -83,8 +83,9 @@ def measurement(config: Config, chunks: ChunkBatch) -> dict[str, Any]:
 
 def feature_metrics(config: Config, features: FeatureBatch) -> dict[str, torch.Tensor]:
     """Per-chunk [docs] values: unbiased and plug-in CFM (means over blocks), alignment reward pass@1/pass@k."""
-    groups = features.rollout_features.transpose(1, 2)  # [docs, NB, n, D]
-    alignment = compute_rewards(groups, features.gt_features, config.reward).alignment  # [docs, NB, n]
+    alignment = compute_rewards(
+        features.rollout_features, features.gt_features, config.reward
+    ).alignment  # [docs, NB, n]
     return {
         "eval/cfm": cfm_unbiased(features.rollout_features, features.gt_features).mean(-1),
         "eval/cfm_plugin": cfm_plugin(features.rollout_features, features.gt_features).mean(-1),

@@ -152,7 +152,7 @@ class FeatureExtractor:
                 f"rollout tokens must be [docs={docs.shape[0]}, n, NB={NB}, G={G}] (got {tuple(rollouts.shape)})"
             )
         num_docs, n = rollouts.shape[:2]
-        rollout_features = torch.empty(num_docs, n, NB, self.feature_dim)
+        rollout_features = torch.empty(num_docs, NB, n, self.feature_dim)  # the reward kernel's layout
         gt_features = torch.empty(num_docs, NB, self.feature_dim)
 
         generated = plan.pack(docs[:, None].expand(-1, n, -1), rollouts.unsqueeze(2))[
@@ -183,7 +183,7 @@ class FeatureExtractor:
                     use_cache=True,
                 )
                 row_features[row_slice] = self._pooled(self._generated_block_indices)
-            rollout_features[group] = row_features.view(-1, n, NB, self.feature_dim)
+            rollout_features[group] = row_features.view(-1, n, NB, self.feature_dim).transpose(1, 2)
 
         return FeatureBatch(
             chunk_ids=list(batch.chunks.chunk_ids),

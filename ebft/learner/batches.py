@@ -84,11 +84,11 @@ def prepare_inputs(
                 f"rollouts of weight version {r.weight_version} are {current_version - r.weight_version} versions old; "
                 f"training.max_staleness={config.training.max_staleness}"
             )
-    rollout_features = torch.cat([f.rollout_features for f in features])  # [N, n, NB, D]
+    rollout_features = torch.cat([f.rollout_features for f in features])  # [N, NB, n, D]
     gt_features = torch.cat([f.gt_features for f in features])  # [N, NB, D]
     reward_cfg = config.reward
     # compute_rewards groups over the second-to-last axis: [N, NB, n, D] -> results [N, NB, n].
-    result = compute_rewards(rollout_features.transpose(1, 2), gt_features, reward_cfg)
+    result = compute_rewards(rollout_features, gt_features, reward_cfg)
     per_sequence = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  [N, NB, n] -> [N, n, NB]
     stale = torch.cat([torch.full((r.tokens.shape[0],), r.weight_version < current_version) for r in rollouts])
     return StepInputs(
