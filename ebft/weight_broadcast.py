@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-DEFAULT_BUFFER_BYTES = 1 << 30  # vLLM's packed default: both ends must use the same value
 POLL_S = 0.005
 
 
@@ -65,10 +64,6 @@ class TransferGroup:
                 self.close()  # ncclCommAbort: the kernels waiting for a peer that never comes are ended
                 raise TransferTimeout(f"an NCCL broadcast did not complete within {self.timeout_s:g} s")
             time.sleep(POLL_S)
-
-    def wait_entered(self, round_index: int, ranks: Iterable[int], timeout_s: float) -> None:
-        """Block until every rank in `ranks` announced it entered `round_index` (raises past `timeout_s`)."""
-        self.store.wait([entered_key(round_index, rank) for rank in ranks], timedelta(seconds=timeout_s))
 
     def entered(self, round_index: int, rank: int) -> bool:
         return self.store.check([entered_key(round_index, rank)])

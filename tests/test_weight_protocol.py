@@ -12,6 +12,7 @@ from helpers import kill_actor_processes, make_tiny_llama, tiny_run_config, tran
 
 from ebft.actors.pool import create_rollout_actor
 from ebft.config import build_config
+from ebft.learner.deepspeed_setup import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -100,12 +101,6 @@ def sender_for(actors, config, **options):
     sender = make_weight_sender(config, actors, **options)
     sender.connect()
     return sender
-
-
-def free_port() -> int:
-    from ebft.learner.deepspeed_setup import free_port
-
-    return free_port()
 
 
 def model_weights(model_dir):

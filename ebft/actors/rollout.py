@@ -103,6 +103,7 @@ class RolloutWorker:
         self.model_path = resolve_model_path(str(model_path))
         self._version = 0
         self._rewound_to: int | None = None
+        self._transfer_open = False  # a broadcast transport's group is open in the engine
         max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
         self.llm = self._build_engine(
             enforce_eager=runs_eager(config) if enforce_eager is None else enforce_eager,
@@ -268,7 +269,7 @@ class RolloutWorker:
         self._transfer_open = True
 
     def close_weight_transfer(self) -> None:
-        if getattr(self, "_transfer_open", False):
+        if self._transfer_open:
             self._transfer_open = False
             self.llm.shutdown_weight_transfer_engine()
 

@@ -22,7 +22,7 @@ import torch
 
 from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
 from ebft.learner.weight_sender import WeightSender, WeightStream
-from ebft.weight_broadcast import DEFAULT_BUFFER_BYTES, TransferGroup, open_transfer_group, send_packed
+from ebft.weight_broadcast import TransferGroup, open_transfer_group, send_packed
 
 POLL_S = 0.05
 
@@ -67,7 +67,7 @@ class BroadcastWeightSender(WeightSender):
         master_port: int,
         timeout_s: float,
         device: torch.device,
-        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        buffer_bytes: int,
     ) -> None:
         super().__init__(receivers)
         self.backend, self.master_address, self.master_port = backend, master_address, master_port
@@ -127,7 +127,9 @@ class BroadcastWeightSender(WeightSender):
 
         deadline = time.monotonic() + self.timeout_s
         while True:
-            missing = [i for i, ranks in enumerate(self._ranks()) if not all(self._entered(r) for r in ranks)]
+            missing = [
+                i for i, ranks in enumerate(self._ranks()) if not all(self.group.entered(self.rounds, r) for r in ranks)
+            ]
             if not missing:
                 return
             failed, _ = ray.wait([acknowledgments[i] for i in missing], num_returns=1, timeout=POLL_S)
@@ -139,9 +141,6 @@ class BroadcastWeightSender(WeightSender):
 
     def _ranks(self) -> list[range]:
         return [range(offset, offset + size) for offset, size in zip(self.rank_offsets, self.sizes)]
-
-    def _entered(self, rank: int) -> bool:
-        return self.group.entered(self.rounds, rank)
 
     def _wait(self, futures: list, timeout_s: float) -> list:
         import ray

@@ -102,17 +102,16 @@ class LearnerRankActor:
         if self.learner.rank == 0 and self.weight_sender is None:
             raise RuntimeError("call connect_weight_receivers(rollout_actors) before push_weights()")
         stream = self.learner.stream_weights(self.learner.device if self.broadcasts else "cpu")
-        if self.learner.rank != 0:
-            for _ in stream.tensors:  # the other ranks' part of each ZeRO-3 gather
-                pass
-            return None
-        version = self.learner.weight_version
         try:
+            if self.learner.rank != 0:
+                return None
+            version = self.learner.weight_version
             return version, self.weight_sender.send(stream, version)
-        except BaseException:
-            for _ in stream.tensors:  # the other ranks wait in the gathers of the rest of the model
+        finally:
+            # Every rank runs each ZeRO-3 gather to the end: the other ranks' part, and the rest of the model after a
+            # send that failed part way (a whole send has exhausted the stream already).
+            for _ in stream.tensors:
                 pass
-            raise
 
     def document_ce(self, tokens):
         return self.learner.document_ce(tokens)

@@ -14,13 +14,12 @@ def iter_state_dict(module: torch.nn.Module, *, zero3: bool, rank: int, device) 
     parameters at a time and copied to `device` on rank 0 before the gather is released, so the memory
     bound is one module's parameters gathered plus their copies (and whatever copies the consumer keeps):
     a weight push to a GPU never holds the whole model there. Otherwise tensors already on `device` are the
-    live parameters, not copies: use them before the next step. On CUDA the current stream is synchronised
-    before each module's tensors are yielded, so a consumer may read them on another stream. Tied weights
-    appear once, under their first name, as in HF checkpoints.
+    live parameters, not copies: use them before the next step. Copies are made on the current stream: a consumer
+    that reads them on another stream must synchronise first (the broadcast packs on the current stream). Tied
+    weights appear once, under their first name, as in HF checkpoints.
     """
     if rank != 0 and not zero3:
         return
-    on_cuda = torch.device(device).type == "cuda"
     for prefix, sub, own, persistent in _module_entries(module):
         if zero3 and own:
             import deepspeed
@@ -32,8 +31,6 @@ def iter_state_dict(module: torch.nn.Module, *, zero3: bool, rank: int, device) 
         if rank != 0:
             continue
         group += [(_join(prefix, n), getattr(sub, n).detach().to(device)) for n in persistent]
-        if on_cuda and group:
-            torch.cuda.current_stream(device).synchronize()
         yield from group
         del group  # else this module's copies would stay alive through the next module's gather
 
