@@ -43,6 +43,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if args.budget:
+        args.overrides.append(f"compare.budget={args.budget}")
     config = _load_config(args)
     from ebft.cluster.compare import compare
 
@@ -141,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train EBFT and SFT from the same base and compare them on the same held-out chunks"
     )
     _add_config_arguments(compare)
+    compare.add_argument(
+        "--budget",
+        choices=["steps", "compute"],
+        help="hold equal the steps (default) or the machine time: SFT trains until it used EBFT's (compare.budget)",
+    )
     compare.set_defaults(handler=_compare)
 
     submit = commands.add_parser("submit", help="submit a training run (or a comparison) to a Ray cluster as a Ray job")

@@ -189,6 +189,9 @@ class TrainingConfig(Section):
     """Documents (each with n rollouts per block) per optimizer step; paper: 16 x 4 samples."""
     steps: int = Field(100, ge=1)
     max_staleness: int = Field(0, ge=0)
+    machine_budget_s: float | None = Field(None, gt=0)
+    """Stop once training used this much machine time (device-seconds, ebft.cluster.cost), evaluating and saving
+    there; training.steps still bounds the run. `ebft compare --budget compute` sets it for the SFT arm."""
     max_restarts: int = Field(3, ge=0)
     """Times a run restarts its learner from the last checkpoint (or the run's start) after a learner rank died;
     one more death stops the run with the checkpoint to --resume from."""
@@ -244,6 +247,12 @@ class EvalConfig(Section):
         return value
 
 
+class CompareConfig(Section):
+    budget: Literal["steps", "compute"] = "steps"
+    """What `ebft compare` holds equal: `steps`, SFT trains as many steps as EBFT; `compute`, SFT trains until it
+    used the machine time the EBFT arm measured (ebft.cluster.cost), evaluated at its end."""
+
+
 @functools.cache
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this machine's CPU computes in bf16 natively (x86 AVX512-BF16 / AMX-BF16, Arm BF16)."""
@@ -282,6 +291,7 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @model_validator(mode="after")
     def _resolve_dtype(self) -> Config:

@@ -63,7 +63,10 @@ def test_compare_dispatch(monkeypatch, config_file):
     compared = install_fake(monkeypatch, "ebft.cluster.compare", "compare")
     assert cli.main(["compare", str(config_file), "training.steps=4", "training.method=sft"]) == 0
     (config,), _ = compared[0]
-    assert config.training.steps == 4
+    assert config.training.steps == 4 and config.compare.budget == "steps"
+    assert cli.main(["compare", str(config_file), "--budget", "compute"]) == 0
+    (config,), _ = compared[1]
+    assert config.compare.budget == "compute"
 
 
 def test_config_errors_print_cleanly(config_file, capsys):

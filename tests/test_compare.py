@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import tiny_run_config
+from rich.console import Console
 
 from ebft.cluster.compare import compare
 from ebft.config import ConfigError, build_config
@@ -58,6 +59,29 @@ def test_compare_trains_both_arms_on_the_same_chunks_and_pairs_their_evaluations
     # Started again, a finished compare reuses both arms instead of training them again.
     again = compare(build_config(raw))
     assert again["differences"] == result["differences"]
+
+    # At equal machine time, in the same folder: the EBFT arm is reused and SFT trains until it used as much.
+    console = Console(record=True, width=300)
+    at_cost = compare(build_config({**raw, "compare": {"budget": "compute"}}), console=console)
+    # EBFT's machine time from its step timings by hand: every pool of the tiny run is on 1 core.
+    phases = ("timing/generate", "timing/features", "timing/train", "timing/weight_sync")
+    ebft_s = sum(r[phase] for r in ebft_rows if "timing/train" in r for phase in phases)
+    budget = at_cost["budget"]
+    assert budget["held_equal"] == "compute" and budget["ebft"] == {"steps": 2, "machine_s": round(ebft_s, 1)}
+    compute_rows = [r for r in rows(root / "sft-compute") if "timing/train" in r]
+    assert budget["sft"]["steps"] == len(compute_rows) > 2  # an SFT step costs less than an EBFT step
+    before_last, in_all = (
+        sum(r["timing/train"] + r["timing/weight_sync"] for r in compute_rows[:k]) for k in (-1, None)
+    )
+    assert before_last < ebft_s <= in_all  # it stopped at the first step that reached EBFT's machine time
+    # The same chunks in the same order as the equal-steps arm, then further; evaluated only at its end.
+    assert [r["train/ce_loss"] for r in compute_rows[:2]] == pytest.approx(
+        [r["train/ce_loss"] for r in sft_rows if "train/ce_loss" in r]
+    )
+    assert [p.name for p in sorted((root / "sft-compute" / "evals").glob("*.json"))] == [
+        f"step_{len(compute_rows):08d}.json"
+    ]
+    assert "at equal machine time (EBFT 2 steps, SFT" in console.export_text()
 
 
 def test_sft_refuses_ebft_only_kl():

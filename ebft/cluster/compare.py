@@ -1,14 +1,17 @@
-"""`ebft compare`: EBFT and SFT trained from the same base for the same steps on the same chunks, and
-evaluated on the same held-out chunks with the same sampling seeds, so every difference is paired.
+"""`ebft compare`: EBFT and SFT trained from the same base on the same chunks, and evaluated on the same
+held-out chunks with the same sampling seeds, so every difference is paired.
 
     evaluate the base                       (the EBFT arm's step-0 evaluation; the SFT arm reuses it)
     train EBFT, evaluating every eval.every steps
-    train SFT on the same chunks in the same order, evaluating at the same steps
+    train SFT on the same chunks in the same order, for the same steps (compare.budget: steps, evaluated at
+        the same steps) or until it used EBFT's measured machine time (compare.budget: compute, evaluated
+        at its end)
     paired bootstrap intervals: EBFT - base, SFT - base, EBFT - SFT
     -> a console table, compare.json and compare.png in training.output_dir
 
-Each arm is an ordinary run in its own folder (<output_dir>/ebft, <output_dir>/sft): an interrupted
-compare started again reuses a finished arm and resumes an unfinished one from its last checkpoint.
+Each arm is an ordinary run in its own folder (<output_dir>/ebft, <output_dir>/sft or sft-compute): an
+interrupted compare started again reuses a finished arm and resumes an unfinished one from its last
+checkpoint, and a compute-budget compare reuses the EBFT arm of an earlier steps-budget one.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ebft.cluster.cost import machine_seconds
 from ebft.config import Config, ConfigError, dump_config
 from ebft.evaluation.heldout import PAIRED_METRICS, Evaluation, paired_differences
 from ebft.evaluation.stats import Difference
 from ebft.model_sources import resolve_run_models
 
-ARMS = ("ebft", "sft")
+# The SFT arm of a compute budget trains at most this many times EBFT's steps (its budget usually ends it first:
+# an SFT step costs S/T times less on the learner alone).
+COMPUTE_BUDGET_MAX_STEPS = 50
 LABELS = {
     "eval/full_ce_loss": "held-out CE",
     "eval/cfm": "held-out CFM (unbiased)",
@@ -37,31 +43,55 @@ LABELS = {
 PLOTTED = ("eval/full_ce_loss", "eval/cfm")
 
 
-def arm_config(config: Config, method: str) -> Config:
-    """The run of one arm: same everything, its own method and folder; only EBFT evaluates the base."""
+def arm_config(config: Config, method: str, machine_budget_s: float | None = None) -> Config:
+    """The run of one arm: same everything, its own method and folder; only EBFT evaluates the base. With a
+    machine budget, SFT trains until it used that much machine time, with EBFT's warmup steps, and evaluates
+    at its end only."""
+    from ebft.learner.deepspeed_setup import warmup_steps
+
     raw = config.model_dump(mode="json")
-    raw["training"].update(method=method, output_dir=str(Path(config.training.output_dir) / method))
+    folder = method if machine_budget_s is None else f"{method}-compute"
+    raw["training"].update(method=method, output_dir=str(Path(config.training.output_dir) / folder))
     raw["eval"].update(at_start=method == "ebft", every=config.eval.every or config.training.steps)
     if method == "sft":
         raw["loss"]["kl_coef"] = 0.0
+    if machine_budget_s is not None:
+        steps, warmup = COMPUTE_BUDGET_MAX_STEPS * config.training.steps, warmup_steps(config)
+        raw["training"].update(steps=steps, machine_budget_s=machine_budget_s)
+        raw["optim"]["warmup_fraction"] = (warmup - 0.5) / steps if warmup else 0.0  # ceil() gives back `warmup`
+        raw["eval"]["every"] = steps
     return Config.model_validate(raw)
 
 
 def run_arm(config: Config, console: Console, index: int, address: str | None) -> list[Evaluation]:
     from ebft.cluster.report import print_summary
-    from ebft.cluster.train import check_same_run, evaluation_path, load_evaluations, run
+    from ebft.cluster.train import check_same_run, load_evaluations, run
     from ebft.learner.checkpoint import latest_checkpoint
 
     run_dir, method = Path(config.training.output_dir), config.training.method.upper()
-    steps = config.training.steps
-    console.rule(f"compare {index}/{len(ARMS)}: {method}, {steps} steps  ({run_dir})")
-    if evaluation_path(run_dir, steps).is_file():
+    steps, budget = config.training.steps, config.training.machine_budget_s
+    length = f"{steps} steps" if budget is None else f"until {budget:,.0f} device-s (at most {steps} steps)"
+    console.rule(f"compare {index}/2: {method}, {length}  ({run_dir})")
+    if finished(load_evaluations(run_dir, steps), config):
         check_same_run(run_dir, config)
         console.print(f"{method}: finished earlier in {run_dir}; reusing its evaluations")
         return load_evaluations(run_dir, steps)
     resume = run_dir.exists() and latest_checkpoint(run_dir / "checkpoints") is not None
     print_summary(run(config, resume=resume, address=address), console=console)
     return load_evaluations(run_dir, steps)
+
+
+def finished(evaluations: list[Evaluation], config: Config) -> bool:
+    """A run with a machine budget evaluates once, at its end; any other at training.steps."""
+    last = evaluations[-1].step if evaluations else 0
+    return last == config.training.steps or (config.training.machine_budget_s is not None and last > 0)
+
+
+def arm_machine_seconds(run_dir: Path, steps: int) -> float:
+    """What an arm's training steps before `steps` cost (its metrics.jsonl; a step trained twice counts once)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_of_step = {r["step"]: r for r in records if "cost/machine_s" in r and r["step"] < steps}
+    return machine_seconds(list(last_of_step.values()))
 
 
 def compare(config: Config, *, address: str | None = None, console: Console | None = None) -> dict[str, Any]:
@@ -71,19 +101,28 @@ def compare(config: Config, *, address: str | None = None, console: Console | No
         raise ConfigError("ebft compare evaluates on held-out chunks: set data.heldout_fraction > 0 (e.g. 0.05)")
     resolve_run_models(config)  # a missing or unreachable model fails before the compare folder is made
     root = Path(config.training.output_dir)
-    configs = {method: arm_config(config, method) for method in ARMS}
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(dump_config(config))
 
-    evaluations, elapsed = {}, {}
-    for index, method in enumerate(ARMS, start=1):
+    evaluations, elapsed, machine_s, configs = {}, {}, {}, {"ebft": arm_config(config, "ebft")}
+    for index, method in enumerate(("ebft", "sft"), start=1):
+        if method == "sft":
+            budget = machine_s["ebft"] if config.compare.budget == "compute" else None
+            if budget == 0:
+                raise ConfigError(
+                    f"the EBFT arm in {root / 'ebft'} recorded no machine time (trained by an older ebft): "
+                    "compare at compare.budget=steps, or train it again in a new training.output_dir"
+                )
+            configs[method] = arm_config(config, method, machine_budget_s=budget)
         started = time.perf_counter()
         evaluations[method] = run_arm(configs[method], console, index, address)
         elapsed[method] = time.perf_counter() - started
+        run_dir = Path(configs[method].training.output_dir)
+        machine_s[method] = arm_machine_seconds(run_dir, evaluations[method][-1].step)
     base = evaluations["ebft"][0]
     if base.step != 0:
         raise RuntimeError(f"the EBFT arm in {root / 'ebft'} has no step-0 evaluation of the base model")
-    result = summarize(config, base, evaluations, elapsed)
+    result = summarize(config, base, evaluations, elapsed, machine_s)
     (root / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     result["plot"] = str(plot(result, root / "compare.png"))
     print_table(result, console)
@@ -95,7 +134,9 @@ def _interval(difference: Difference) -> dict[str, float]:
     return {**asdict(difference), "significant": difference.significant}
 
 
-def summarize(config: Config, base: Evaluation, evaluations: dict[str, list[Evaluation]], elapsed) -> dict[str, Any]:
+def summarize(
+    config: Config, base: Evaluation, evaluations: dict[str, list[Evaluation]], elapsed, machine_s
+) -> dict[str, Any]:
     final = {method: runs[-1] for method, runs in evaluations.items()}
     pairs = {
         "ebft - base": (final["ebft"], base),
@@ -115,6 +156,10 @@ def summarize(config: Config, base: Evaluation, evaluations: dict[str, list[Eval
     }
     return {
         "steps": config.training.steps,
+        "budget": {
+            "held_equal": config.compare.budget,
+            **{method: {"steps": final[method].step, "machine_s": round(machine_s[method], 1)} for method in final},
+        },
         "held_out": {
             "chunks": len(base.chunk_ids),
             "files": len(set(base.groups)),
@@ -132,9 +177,15 @@ def summarize(config: Config, base: Evaluation, evaluations: dict[str, list[Eval
 
 
 def print_table(result: dict[str, Any], console: Console) -> None:
-    held = result["held_out"]
+    held, budget = result["held_out"], result["budget"]
+    arms = f"EBFT {budget['ebft']['steps']} steps, SFT {budget['sft']['steps']} steps"
+    if budget["held_equal"] == "compute":
+        used = f"{budget['ebft']['machine_s']:,.0f} and {budget['sft']['machine_s']:,.0f} device-s"
+        after = f"at equal machine time ({arms}; {used})"
+    else:
+        after = f"after {result['steps']} steps"
     table = Table(
-        title=f"EBFT vs SFT after {result['steps']} steps: {held['chunks']} held-out chunks from "
+        title=f"EBFT vs SFT {after}: {held['chunks']} held-out chunks from "
         f"{held['files']} files, "
         f"{held['samples_per_block']} samples per block; change [95% paired interval], * = interval excludes 0",
         title_justify="left",

@@ -10,6 +10,8 @@
         every eval.every steps: evaluate; every checkpoint.every steps: save
     evaluate and save the final weights
 
+training.machine_budget_s ends the run early, like a last step, once its pools were busy that long.
+
 A learner rank that dies sends the run back to its last checkpoint (or its start): a new learner group
 loads it, the rollout actors get its weights, everything sampled after it is dropped and its steps are
 trained again, up to training.max_restarts times.
@@ -37,6 +39,7 @@ from typing import Any
 import ray
 
 from ebft.actor_failures import failed_actor_id, is_actor_failure
+from ebft.cluster.cost import step_cost
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config
 from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
@@ -113,6 +116,8 @@ class Controller:
     """Set (e.g. on Ctrl-C) to stop once the step being trained is finished."""
     resume_state: dict[str, Any] | None = None
     """The data position after the last trained step: what a checkpoint saves."""
+    machine_s: float = 0.0
+    """Device-seconds the pools spent on training steps so far (ebft.cluster.cost), a resumed run's included."""
     _push: Any = None
     """The last weight push (a learner.weight_sender.WeightPush), confirmed before the next one."""
     _engine_version: int = 0
@@ -127,7 +132,7 @@ class Controller:
             self.evaluate_now()
         in_flight: deque[ScheduledStep] = deque()
         next_step = self.step
-        while self.step < last and not self.stop_requested:
+        while self.step < last and not self.stop_requested and not self.budget_spent:
             try:
                 if self.ebft:
                     self.sync_weights()  # resumed: the engines start from the base weights
@@ -156,9 +161,10 @@ class Controller:
             if self.ebft:
                 self.sync_weights()
         self.finish_step(work, rollouts, features, metrics, timings)
-        if self.step == last or self.due(self.config.eval.every):
+        finished = self.step == last or self.budget_spent
+        if finished or self.due(self.config.eval.every):
             self.evaluate_now()
-        if self.step == last or self.due(self.config.checkpoint.every) or self.stop_requested:
+        if finished or self.due(self.config.checkpoint.every) or self.stop_requested:
             self.save_now()
 
     def finish_step(self, work, rollouts, features, metrics, timings) -> None:
@@ -167,10 +173,17 @@ class Controller:
             metrics["timing/generate"] = sum(r.elapsed_s for r in rollouts)
             metrics["timing/features"] = sum(f.elapsed_s for f in features)
             metrics["train/staleness_max"] = max(self.version - 1 - r.weight_version for r in rollouts)
+        metrics.update(step_cost(self.config, metrics))
+        self.machine_s += metrics["cost/machine_s"]
         self.trained[work.step] = list(work.chunks.chunk_ids)
         self.step += 1
         self.resume_state = work.resume_state
         self.on_step(StepResult(work.step, metrics, rollouts, features))
+
+    @property
+    def budget_spent(self) -> bool:
+        budget = self.config.training.machine_budget_s
+        return budget is not None and self.machine_s >= budget
 
     def due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0

@@ -53,7 +53,8 @@ def print_summary(summary, console: Console | None = None) -> None:
         )
     console.print(
         f"trained chunks: {summary.trained_chunks} of {summary.scheduled_chunks} scheduled; "
-        f"generated tokens: {summary.generated_tokens:,}; actor restarts: {summary.restarts}"
+        f"generated tokens: {summary.generated_tokens:,}; actor restarts: {summary.restarts}; "
+        f"machine time: {summary.machine_s:,.0f} device-s"
     )
     if summary.stopped_early:
         console.print(f"stopped early at step {summary.steps}: continue with `ebft train <config> --resume`")

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from ebft.cluster.controller import Controller, RestorePoint, StepResult, timed
+from ebft.cluster.cost import machine_seconds
 from ebft.cluster.monitor import Monitor
 from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
@@ -63,6 +64,8 @@ class TrainSummary:
     wandb_dir: str | None
     checkpoint: Path | None
     trained_chunk_ids: list[int]
+    machine_s: float = 0.0
+    """Device-seconds its pools spent training (ebft.cluster.cost)."""
     stopped_early: bool = False
 
     @property
@@ -128,7 +131,7 @@ def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None, di
 CONTINUABLE = (
     *("training.steps", "training.max_restarts", "training.output_dir"),
     *("learner.micro_batch_docs", "learner.gradient_checkpointing", "learner.offload_optimizer", "learner.attention"),
-    *("resources.", "rollout.", "logging.", "eval.", "checkpoint."),
+    *("resources.", "rollout.", "logging.", "eval.", "checkpoint.", "compare."),
 )
 
 
@@ -187,6 +190,7 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
             save=recorder.save,
             restart_learner=recorder.restart_learner,
             checkpoint=inputs.checkpoint,
+            machine_s=machine_seconds(recorder.monitor.history),
         )
         try:
             with stop_on_interrupt(controller):
@@ -395,7 +399,8 @@ class RunRecorder:
             wandb_dir=self.monitor.wandb_dir,
             checkpoint=self.saved[-1] if self.saved else None,
             trained_chunk_ids=controller.trained_chunk_ids,
-            stopped_early=controller.step < config.training.steps,
+            machine_s=controller.machine_s,
+            stopped_early=controller.step < config.training.steps and not controller.budget_spent,
         )
 
 
