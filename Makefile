@@ -34,8 +34,7 @@ test: $(STAMP)
 
 # Each demo run gets its own folder under runs/, so running it again never touches an earlier run.
 demo: $(STAMP)
-	$(BIN)/ebft models prepare smollm2
-	$(BIN)/ebft train configs/quickstart.yaml training.output_dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/ebft demo configs/quickstart.yaml training.output_dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 # EBFT and SFT from the same base on the same chunks, compared on the same held-out chunks (~45 min on 2 cores).
 compare: $(STAMP)
@@ -43,7 +42,7 @@ compare: $(STAMP)
 	$(BIN)/ebft compare configs/compare.yaml training.output_dir=runs/compare-$$(date +%Y%m%d-%H%M%S) $(COMPARE_ARGS)
 
 bench: $(STAMP)
-	cd benchmarks && for b in rewards rollout features learner learner_floor attention weight_sync pipeline; do \
+	cd benchmarks && for b in rewards rollout features learner learner_floor attention weight_sync pipeline cost_vs_sft; do \
 		test -f $$b.py && ../$(BIN)/python $$b.py | tail -1; done
 	cd benchmarks && ../$(BIN)/python attention.py --network features | tail -1
 

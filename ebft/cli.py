@@ -42,6 +42,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from ebft.demo import run_demo
+
+    run_demo(args.config, args.overrides)
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     if args.budget:
         args.overrides.append(f"compare.budget={args.budget}")
@@ -138,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest checkpoint in training.output_dir"
     )
     train.set_defaults(handler=_train)
+
+    demo = commands.add_parser(
+        "demo", help="the quickstart (`make demo`), sized for this CPU, with its expected duration shown first"
+    )
+    _add_config_arguments(demo)
+    demo.set_defaults(handler=_demo)
 
     compare = commands.add_parser(
         "compare", help="train EBFT and SFT from the same base and compare them on the same held-out chunks"

@@ -12,9 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ebft.config import Config
+from ebft.evaluation.stats import Difference
 
 log = logging.getLogger(__name__)
 
+RUNNING_MEAN_STEPS = 5
 CONSOLE_METRICS = ("train/reward", "train/cfm", "train/ce_loss", "eval/full_ce_loss", "eval/cfm")
 PLOTTED = (
     "train/gt_reward",
@@ -109,7 +111,9 @@ class Monitor:
             {"step": step, "samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}
         )
 
-    def plot(self) -> Path | None:
+    def plot(self, intervals: dict[int, dict[str, Difference]] | None = None) -> Path | None:
+        """curves.png: each training metric's raw points with their running mean; each held-out metric at its
+        evaluations, with `intervals` ({step: {metric: the paired change since the first evaluation}}) as bars."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -129,8 +133,16 @@ class Monitor:
             squeeze=False,
         )
         for ax, (name, points) in zip(axes.flat, series.items()):
-            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
-            ax.set_title(name)
+            steps, values = zip(*points)
+            if name.startswith("eval/"):
+                plot_evaluations(ax, name, steps, values, intervals or {})
+            else:
+                window = min(RUNNING_MEAN_STEPS, len(values))
+                ax.plot(steps, values, marker=".", linestyle="none", alpha=0.4, color="tab:blue", label="step")
+                running = [sum(values[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(values))]
+                ax.plot(steps, running, color="tab:blue", label=f"running mean of {window}")
+                ax.set_title(name)
+                ax.legend(fontsize=7)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(series) :]:
@@ -149,6 +161,19 @@ class Monitor:
     @property
     def wandb_dir(self) -> str | None:
         return None if self.wandb is None else str(Path(self.wandb.dir).parent)
+
+
+def plot_evaluations(ax, name: str, steps, values, intervals: dict[int, dict[str, Difference]]) -> None:
+    """The metric at each evaluation; a bar from first + low to first + high of its paired change since the first."""
+    first = values[0]
+    ax.plot(steps, values, marker="o", color="tab:orange")
+    ax.axhline(first, color="gray", linestyle="--", linewidth=1)
+    changes = {step: intervals[step][name] for step in steps if name in intervals.get(step, {})}
+    for step, change in changes.items():
+        ax.vlines(step, first + change.low, first + change.high, color="tab:orange", linewidth=2)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    bars = f"\n(bars: 95% paired interval of the change since step {steps[0]})" if changes else ""
+    ax.set_title(name + bars, fontsize=9 if bars else None)
 
 
 def is_evaluation(record: dict[str, Any]) -> bool:

@@ -25,7 +25,7 @@ from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config, ConfigError, build_config, dump_config
 from ebft.evaluation.code import humaneval_path
-from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator
+from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, paired_differences
 from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
 from ebft.layout import BlockPlan
 
@@ -380,7 +380,8 @@ class RunRecorder:
 
     def close(self) -> None:
         self.monitor.close()
-        self.plot = self.monitor.plot()
+        first, *later = self.evaluations or [None]
+        self.plot = self.monitor.plot({e.step: paired_differences(e, first) for e in later})
 
     def summary(self, controller: Controller) -> TrainSummary:
         config, start = self.config, self.inputs.start["step"]
