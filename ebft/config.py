@@ -25,6 +25,29 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(Section):
+    """LoRA adapters on the policy (PEFT): only they train; the rollout engines get the merged weights."""
+
+    rank: int = Field(16, ge=1)
+    """r: the rank of each adapter's update B @ A."""
+    alpha: float = Field(32.0, gt=0.0)
+    """The update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input in training."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers to adapt, by name or dotted suffix (`q_proj`, `mlp.down_proj`); the default is every attention
+    and MLP projection of Llama-like models. Checked against the policy before a run starts."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_given(cls, value: list[str]) -> list[str]:
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("name one or more linear layers, e.g. [q_proj, v_proj]")
+        return value
+
+
 class ModelConfig(Section):
     policy: str = "smollm2"
     """Local HF folder, hub id, or the built-in alias `smollm2` (see `ebft models prepare smollm2`)."""
@@ -34,6 +57,8 @@ class ModelConfig(Section):
     """`auto`: bfloat16 on GPUs or on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16), else float32:
     emulated bf16 is several times slower than float32. A run's saved config.yaml records the resolved value."""
     trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of the full weights (None: full fine-tuning), for both training methods."""
 
 
 class SourceConfig(Section):
@@ -420,7 +445,8 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         sub = field.annotation
-        if get_origin(sub) is list:  # list[SourceConfig]: keys of its items
+        # list[SourceConfig]: keys of its items; LoraConfig | None: keys of the section
+        if get_origin(sub) is list or type(None) in get_args(sub):
             sub = get_args(sub)[0]
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             keys.extend(_valid_keys(sub, prefix + name + "."))

@@ -228,9 +228,14 @@ def check_reachable(name: str) -> None:
 
 
 def resolve_run_models(config) -> tuple[str, str]:
-    """(policy, feature model) of a run, resolved and, for hub ids, checked reachable before any work starts."""
+    """(policy, feature model) of a run, resolved and, for hub ids, checked reachable before any work starts; with
+    model.lora, its target modules checked against the policy's layers."""
     policy = resolve_model_path(config.model.policy)
     feature = resolve_model_path(config.model.feature_model or config.model.policy)
     for path in {policy, feature}:
         check_reachable(path)
+    if config.model.lora is not None:
+        from ebft.learner.lora import check_policy_targets
+
+        check_policy_targets(policy, config.model.lora, trust_remote_code=config.model.trust_remote_code)
     return policy, feature

@@ -3,7 +3,12 @@
 A checkpoint directory holds
     config.json, generation_config.json, model.safetensors, tokenizer files   the policy, loadable by
                                                          `AutoModelForCausalLM.from_pretrained` and vLLM
-    deepspeed/                optimizer (ZeRO partitions, fp32 master weights) and LR-scheduler state
+                              (with model.lora: the base with the adapters merged, what the rollout engines run)
+    adapter/                  with model.lora: the adapter in PEFT's format (adapter_config.json,
+                              adapter_model.safetensors), loadable by `peft.PeftModel.from_pretrained(base, path)`
+                              (a subfolder: in the top folder transformers would load it over its base instead)
+    deepspeed/                optimizer (ZeRO partitions, fp32 master weights) and LR-scheduler state; with
+                              model.lora only the adapters' (the frozen base comes from model.policy)
     rng_rank{r}.pt            each rank's RNG states
     extra_state.pt            the caller's state (data position, ...)
     trainer_state.json        step and weight version; written last, it marks the checkpoint complete
@@ -28,6 +33,7 @@ import torch
 TRAINER_STATE = "trainer_state.json"
 EXTRA_STATE = "extra_state.pt"
 DEEPSPEED_DIR = "deepspeed"
+ADAPTER_DIR = "adapter"
 DEEPSPEED_TAG = "state"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_PREFIX = "step_"

@@ -129,11 +129,18 @@ def from_pretrained(config: Config, model_path: str, ds_config: dict[str, Any]):
 
 
 def policy_engine(config: Config, model_path: str, ds_config: dict[str, Any], on_gpu: bool):
-    """(engine, optimizer, scheduler): the trainable policy wrapped by DeepSpeed, AdamW with linear warmup."""
+    """(engine, optimizer, scheduler): the trainable policy wrapped by DeepSpeed, AdamW with linear warmup. With
+    model.lora the policy is a PEFT model whose adapters alone train (lora.py)."""
     model = from_pretrained(config, model_path, ds_config)
     if config.learner.gradient_checkpointing:
+        # Non-reentrant: with LoRA the checkpointed layers' inputs need no grad for their adapters to get one.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.model.lora is not None:
+        from ebft.learner.lora import add_adapters
+
+        model = add_adapters(model, config.model.lora, seed=config.training.seed)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters
     optimizer = None
     if not (config.learner.offload_optimizer and on_gpu):
         # On CPU a torch AdamW avoids DeepSpeed's JIT-built Adam; on GPU with offload DeepSpeed
@@ -141,12 +148,11 @@ def policy_engine(config: Config, model_path: str, ds_config: dict[str, Any], on
         o = config.optim
         # fused: one kernel over ZeRO's flat fp32 partition, where the default allocates several
         # partition-sized temporaries per step (each a fresh mmap on CPU: ~1 s of page faults at 135M).
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True
-        )
+        optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
     warmup = warmup_steps(config)
     engine, optimizer, _, scheduler = import_deepspeed(on_gpu).initialize(
         model=model,
+        model_parameters=trainable,
         optimizer=optimizer,
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, warmup)),

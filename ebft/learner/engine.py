@@ -9,7 +9,8 @@ averages over ranks, so the accumulated gradient is the gradient of the full-bat
 micro-batch therefore has the same size and every rank the same number of documents.
 
 Set-up (process group, DeepSpeed config, model loading) is in deepspeed_setup.py; metric reductions
-over ranks in collectives.py; the gathered state dict in state_dict.py; checkpoint layout in checkpoint.py.
+over ranks in collectives.py; the gathered state dict in state_dict.py; checkpoint layout in checkpoint.py; LoRA
+adapters (model.lora), exported merged, in lora.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ebft.learner.deepspeed_setup import (
     policy_engine,
     reference_model,
 )
+from ebft.learner.lora import adapter_state_dict, save_adapter, transformers_model
 from ebft.learner.loss import chunks_document_ce, document_ce, ebft_loss, generated_logprobs
 from ebft.learner.state_dict import gather_state_dict, iter_state_dict, state_dict_metadata
 from ebft.learner.weight_sender import WeightStream
@@ -70,6 +72,7 @@ class LearnerRank:
         self.micro_batch_docs = config.learner.micro_batch_docs
         self.docs_per_rank, self.accumulation_steps = batch_geometry(config, world_size)
         self.dtype = getattr(torch, config.model.dtype)
+        self.uses_lora = config.model.lora is not None
         if config.learner.offload_optimizer and config.learner.zero_stage == 0:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage >= 1")
 
@@ -239,7 +242,8 @@ class LearnerRank:
     # ------------------------------------------------------------------ weights
 
     def full_state_dict(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
-        """HF-named weights on rank 0, None elsewhere (collective under ZeRO-3; see state_dict.py)."""
+        """HF-named weights on rank 0, None elsewhere (collective under ZeRO-3; see state_dict.py); with LoRA the
+        base with the adapters merged."""
         zero3 = self.config.learner.zero_stage == 3
         return gather_state_dict(self.engine.module, zero3=zero3, rank=self.rank, device=device)
 
@@ -277,11 +281,19 @@ class LearnerRank:
         dist.barrier()
         state = self.full_state_dict()
         if self.rank == 0:
-            module = self.engine.module
-            ckpt.save_policy(
-                temporary, state, module.config, getattr(module, "generation_config", None), self.model_path
-            )
-        self.engine.save_checkpoint(str(temporary / ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, save_latest=False)
+            model = transformers_model(self.engine.module)
+            ckpt.save_policy(temporary, state, model.config, getattr(model, "generation_config", None), self.model_path)
+        if self.uses_lora:
+            adapter = adapter_state_dict(self.engine.module, zero3=self.config.learner.zero_stage == 3, rank=self.rank)
+            if self.rank == 0:
+                save_adapter(self.engine.module, temporary / ckpt.ADAPTER_DIR, adapter)
+        # With LoRA the frozen base is the policy's own model_path: DeepSpeed keeps only what trains.
+        self.engine.save_checkpoint(
+            str(temporary / ckpt.DEEPSPEED_DIR),
+            tag=ckpt.DEEPSPEED_TAG,
+            save_latest=False,
+            exclude_frozen_parameters=self.uses_lora,
+        )
         torch.save(ckpt.capture_rng_state(self.device), ckpt.rng_file(temporary, self.rank))
         dist.barrier()
         if self.rank == 0:
@@ -313,6 +325,7 @@ class LearnerRank:
             tag=ckpt.DEEPSPEED_TAG,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
+            load_module_strict=not self.uses_lora,  # the frozen base is not in a LoRA checkpoint
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the optimizer state under {path / ckpt.DEEPSPEED_DIR}")

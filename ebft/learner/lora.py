@@ -1,0 +1,119 @@
+"""LoRA on the learner's policy (`model.lora`): PEFT adapters on linear layers; only they train.
+
+The rollout engines never see an adapter: the weight stream (state_dict.py) merges each adapted layer on the fly,
+W + (alpha / r) B @ A, under the base model's parameter names, so every transport and vLLM's loader get the plain
+model. A checkpoint holds those merged weights as its HF folder and the adapter in PEFT's format (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+from ebft.config import ConfigError, LoraConfig
+
+ADAPTER = "default"
+"""PEFT's name of the one adapter the policy carries."""
+
+
+def check_target_modules(model: torch.nn.Module, lora: LoraConfig) -> None:
+    """A ConfigError unless each of `model.lora.target_modules` names (as PEFT matches names: the full module name or
+    a dotted suffix) one or more of the model's linear layers and nothing else."""
+    modules = dict(model.named_modules())
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, torch.nn.Linear)})
+    output = model.get_output_embeddings()
+    tied_output = output if output is not None and output.weight is model.get_input_embeddings().weight else None
+    for target in lora.target_modules:
+        matched = [m for name, m in modules.items() if name == target or name.endswith(f".{target}")]
+        if not matched or not all(isinstance(m, torch.nn.Linear) for m in matched):
+            kind = "no layer" if not matched else "a layer that is not linear"
+            raise ConfigError(
+                f"model.lora.target_modules: `{target}` matches {kind} of {type(model).__name__}; its linear layers "
+                f"are named {', '.join(linear_names)} (e.g. model.lora.target_modules=[q_proj,v_proj])"
+            )
+        if tied_output is not None and any(m is tied_output for m in matched):
+            raise ConfigError(
+                f"model.lora.target_modules: `{target}` is the output layer, which this model ties to its input "
+                "embedding: a merged update of one would change the other; adapt the other linear layers"
+            )
+
+
+def check_policy_targets(policy_path: str, lora: LoraConfig, *, trust_remote_code: bool) -> None:
+    """check_target_modules on the policy built from its config on the meta device (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(policy_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    check_target_modules(model, lora)
+
+
+def add_adapters(model: torch.nn.Module, lora: LoraConfig, *, seed: int):
+    """The policy as a PEFT model with fresh adapters in its own dtype, every other parameter frozen. PEFT starts B at
+    zero, so the adapted policy starts as the base; A is drawn from `seed` without touching the global RNG, so every
+    rank, and a learner restarted from the base weights, starts from the same adapters."""
+    import peft
+
+    check_target_modules(model, lora)
+    peft_config = peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+
+
+def transformers_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT model (its parameters under HF names, LoRA layers in place of the adapted
+    linears), or `module` itself."""
+    return module.get_base_model() if is_peft_model(module) else module
+
+
+def is_peft_model(module: torch.nn.Module) -> bool:
+    # Only a model PEFT wrapped holds its classes, and PEFT is imported then: full fine-tuning never imports it.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(module, peft.PeftModel)
+
+
+def is_lora_layer(module: torch.nn.Module) -> bool:
+    lora = sys.modules.get("peft.tuners.lora")
+    return lora is not None and isinstance(module, lora.LoraLayer)
+
+
+def adapter_parameters(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a LoRA layer's merged weight reads besides its base layer's (gathered with it under ZeRO-3)."""
+    return [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+
+
+def merged_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A LoRA layer's base `weight` plus its update scale * B @ A as a new tensor: summed in float32 and rounded once
+    to the weight's dtype."""
+    a, b = (p.detach().float() for p in adapter_parameters(layer))
+    return (weight.float() + (b @ a) * layer.scaling[ADAPTER]).to(weight.dtype)
+
+
+def adapter_state_dict(peft_model: torch.nn.Module, *, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters (the adapters) under the PEFT model's names, copied to the CPU on rank 0 (None
+    elsewhere); collective under ZeRO-3, which gathers them all at once (adapters are small)."""
+    params = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+    gathered = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+    with gathered:
+        return {name: p.detach().to("cpu", copy=True) for name, p in params} if rank == 0 else None
+
+
+def save_adapter(peft_model: torch.nn.Module, directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """The adapter in PEFT's format (adapter_config.json, adapter_model.safetensors), loadable by
+    `peft.PeftModel.from_pretrained(base_model, directory)`."""
+    peft_model.save_pretrained(directory, state_dict=state, save_embedding_layers=False, safe_serialization=True)
