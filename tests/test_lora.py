@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import peft
 import pytest
+import ray
 import torch
-from helpers import exported, make_tiny_llama
+from helpers import make_tiny_llama, transformers_greedy
 from learner_reference import (
     N_SAMPLES,
     T,
@@ -20,17 +21,21 @@ from learner_reference import (
 )
 from transformers import AutoModelForCausalLM
 
+from ebft.actors.adapter_merge import AdapterBase, merged_weights
 from ebft.config import ConfigError, LoraConfig, build_config
 from ebft.evaluation.checkpoint_eval import resolve_evaluated_model
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.engine import LearnerRank
 from ebft.learner.lora import adapter_state_dict, check_policy_targets
-from ebft.messages import ChunkBatch
+from ebft.learner.state_dict import iter_state_dict, state_dict_metadata
+from ebft.learner.weight_sender import state_dict_to_update
+from ebft.messages import ChunkBatch, WeightUpdate
 from ebft.model_sources import resolve_run_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NO_REMOTE = {"trust_remote_code": False}
+PROMPTS = [[5, 17, 42, 7], [100, 3, 250, 9, 11]]
 LORA = {"rank": 4, "alpha": 12.0, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
 
 
@@ -155,7 +160,11 @@ def trained_learner(model_dir, stage: int, steps: int = 2) -> LearnerRank:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, tied", [(2, False), (3, True)], ids=["zero2", "zero3-tied"])
-def test_weight_stream_is_peft_merge_and_unload(tiny_model_dir, tiny_tied_model_dir, stage, tied, monkeypatch):
+def test_merged_export_and_the_engines_merge_of_a_push_are_peft_merge_and_unload(
+    tiny_model_dir, tiny_tied_model_dir, stage, tied, monkeypatch
+):
+    """Checkpoints export the merged weights (state_dict.py); a push carries the adapters alone, which a rollout
+    worker merges into the base (adapter_merge.py): both are bit for bit PEFT's merge_and_unload."""
     import deepspeed
 
     model_dir = tiny_tied_model_dir if tied else tiny_model_dir
@@ -175,18 +184,29 @@ def test_weight_stream_is_peft_merge_and_unload(tiny_model_dir, tiny_tied_model_
         return gathered_parameters(params, *args, **kwargs)
 
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
-    stream = learner.stream_weights("cpu")
-    pairs = list(stream.tensors)
+    module, zero3 = learner.engine.module, stage == 3
+    pairs = list(iter_state_dict(module, zero3=zero3, rank=0, device="cpu"))
+    metadata = state_dict_metadata(module)
     monkeypatch.undo()
     if stage == 3:  # a linear with its adapters at a time, or the embedding (the largest module): never the model
         embedding = learner.engine.module.get_input_embeddings().weight.ds_numel
         assert max(gathered) == embedding < sum(t.numel() for _, t in pairs) // 4
     assert [name for name, _ in pairs] == list(expected)
-    assert stream.metadata == [(name, list(t.shape), t.dtype) for name, t in pairs]
+    assert metadata == [(name, list(t.shape), t.dtype) for name, t in pairs]
     for name, tensor in pairs:
         assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
         adapted = any(f".{target}." in name for target in LORA["target_modules"])
         assert torch.equal(tensor, base[name]) != adapted, name  # adapted layers moved; nothing else did
+    push = learner.stream_weights("cpu")
+    pushed_adapters = dict(push.tensors)
+    assert push.metadata == [(name, list(t.shape), t.dtype) for name, t in pushed_adapters.items()]
+    assert len(pushed_adapters) == len(trained) and all(".lora_" in name for name in pushed_adapters)
+    engine_merged = dict(
+        merged_weights(pushed_adapters, AdapterBase(str(model_dir), LORA["alpha"] / LORA["rank"], "float32"))
+    )
+    assert engine_merged.keys() == expected.keys()
+    for name, tensor in engine_merged.items():
+        assert torch.equal(tensor, expected[name]), name
     # Exporting left the trained adapters as they were.
     assert all(torch.equal(t, trained[n]) for n, t in adapters(learner).items())
     learner.close()
@@ -255,16 +275,24 @@ def test_lora_checkpoint_holds_a_peft_adapter_and_a_merged_model(tiny_model_dir,
     learner.close()
 
 
+def pushed(learner) -> WeightUpdate:
+    """What the object-store transport carries for the learner's current weights: its weight stream, put once."""
+    return state_dict_to_update(dict(learner.stream_weights().tensors), learner.weight_version)
+
+
 @pytest.mark.slow
-def test_rollout_worker_samples_from_the_merged_lora_policy(tmp_path_factory, tmp_path):
-    """vLLM loads a LoRA checkpoint and then a pushed update (the object store's message) as a plain model: its
-    log-probs of its own samples are the float64 PEFT model's, adapters included."""
+def test_rollout_worker_merges_pushed_adapters_and_samples_from_the_lora_policy(tmp_path_factory, tmp_path):
+    """vLLM loads a LoRA checkpoint (its merged HF folder), then a push that carries only the adapters, which the
+    worker merges into the base policy: its log-probs of its own samples are the float64 PEFT model's each time."""
     from ebft.actors.rollout import RolloutWorker
 
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm-lora"), tie_word_embeddings=True, layers=2)
     learner = trained_learner(model_dir, stage=2, steps=1)
     config = learner.config.model_copy(
-        update={"rollout": learner.config.rollout.model_copy(update={"kv_cache_gib": 0.05})}
+        update={
+            "model": learner.config.model.model_copy(update={"policy": str(model_dir)}),
+            "rollout": learner.config.rollout.model_copy(update={"kv_cache_gib": 0.05}),
+        }
     )
     path = learner.save_checkpoint(ckpt.checkpoint_path(tmp_path, 1), {})
     worker = RolloutWorker(config, str(path), enforce_eager=True)
@@ -286,11 +314,51 @@ def test_rollout_worker_samples_from_the_merged_lora_policy(tmp_path_factory, tm
         assert_sampled_from_learner()
         batch = make_batch(4, seed=91, version=1)
         learner.train_step([batch[0]], [batch[1]], current_version=1)
-        assert worker.update_weights(exported(learner)) == 2
+        update = pushed(learner)
+        # Only the adapters travel: lora_A and lora_B of each adapted linear, a fraction of the model's bytes.
+        lora_linears = 5 * 2  # LORA's five target modules in each of the two layers
+        assert len(update.raw) == 2 * lora_linears and all(".lora_A." in n or ".lora_B." in n for n in update.raw)
+        full_bytes = sum(t.numel() * t.element_size() for t in learner.full_state_dict().values())
+        assert sum(a.nbytes for a in update.raw.values()) < full_bytes / 4
+        assert worker.update_weights(update) == 2
         assert_sampled_from_learner()
     finally:
         worker.shutdown()
         learner.close()
+
+
+@pytest.mark.slow
+def test_a_gloo_lora_push_merges_the_adapters_in_each_multiprocess_engine(local_ray, tmp_path_factory, tmp_path):
+    """The broadcast transports carry adapters the way they carry weights: over gloo into engines in their own
+    EngineCore processes, whose greedy output is then that of PEFT's own merge of the checkpoint's adapter."""
+    from ebft.actors.pool import create_rollout_actor
+    from ebft.learner.group import LearnerGroup
+
+    model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-gloo-lora"), tie_word_embeddings=True, layers=2)
+    trained = trained_learner(model_dir, stage=2, steps=1)
+    path = trained.save_checkpoint(ckpt.checkpoint_path(tmp_path, 1), {})
+    raw = trained.config.model_dump(mode="json")
+    trained.close()
+    raw["model"]["policy"] = str(model_dir)
+    raw["resources"] = {pool: {"cpus_per_actor": 0.5, "threads": 1} for pool in ("rollout", "features", "learner")}
+    raw["rollout"].update(kv_cache_gib=0.125, weight_transport="gloo", weight_buffer_mib=0.01)
+    config = build_config(raw)
+    actor = create_rollout_actor(config, str(model_dir), max_model_len=64)
+    learner = LearnerGroup(config, str(model_dir))
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        before = [[transformers_greedy(base, p, 8)] for p in PROMPTS]
+        merged = peft.PeftModel.from_pretrained(base, path / ckpt.ADAPTER_DIR).merge_and_unload().eval()
+        expected = [[transformers_greedy(merged, p, 8)] for p in PROMPTS]
+        assert expected != before
+        assert ray.get(actor.complete.remote(PROMPTS, max_tokens=8)) == before
+        learner.load_checkpoint(path)
+        learner.connect_weight_receivers([actor])
+        assert learner.push_weights().confirm() == learner.weight_version
+        assert ray.get(actor.complete.remote(PROMPTS, max_tokens=8)) == expected
+    finally:
+        learner.shutdown()
+        ray.kill(actor)
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.actors.adapter_merge import AdapterBase
 from ebft.actors.engine_process import bind_engine_to_actor
 from ebft.actors.weight_receiver import WORKER_EXTENSION, load_update_into_engine, receive_weight_broadcast
 from ebft.config import BROADCAST_TRANSPORTS, NCCL
@@ -104,6 +105,7 @@ class RolloutWorker:
         self._version = 0
         self._rewound_to: int | None = None
         self._transfer_open = False  # a broadcast transport's group is open in the engine
+        self.adapter_base = AdapterBase.from_config(config)  # with model.lora a push holds adapters
         max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
         self.llm = self._build_engine(
             enforce_eager=runs_eager(config) if enforce_eager is None else enforce_eager,
@@ -253,7 +255,7 @@ class RolloutWorker:
     def update_weights(self, update: WeightUpdate) -> int:
         """Object-store transport: load the pushed weights into the running engine; returns the new version."""
         self._check_forward(update.version)
-        load_update_into_engine(self.llm, update)
+        load_update_into_engine(self.llm, update, self.adapter_base)
         self._version = update.version
         return self._version
 
@@ -279,7 +281,7 @@ class RolloutWorker:
         group closed, ready for the next connection."""
         self._check_forward(version)
         try:
-            receive_weight_broadcast(self.llm, update_info, version)
+            receive_weight_broadcast(self.llm, update_info, version, self.adapter_base)
         except Exception:
             self.close_weight_transfer()
             raise

@@ -9,18 +9,21 @@ finish_weight_update, shutdown_weight_transfer_engine.
   over a gloo group; weights load through vLLM's layerwise reload as NCCL's do.
 
 Both announce in the group's store that the worker entered a round before they receive anything, so the learner's
-rank 0 broadcasts only once every receiver is inside (ebft/weight_broadcast.py).
+rank 0 broadcasts only once every receiver is inside (ebft/weight_broadcast.py). A round whose update info names an
+`adapter_base` carries LoRA adapters: they are collected and loaded merged into the base (adapter_merge.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine, NCCLWeightTransferUpdateInfo
 
+from ebft.actors.adapter_merge import AdapterBase, merged_weights
 from ebft.weight_broadcast import TransferGroup, as_transfer_group, open_transfer_group, receive_packed
 
 ENGINES = {"ebft_nccl": "EbftNcclWeightTransferEngine", "gloo": "GlooWeightTransferEngine"}
@@ -39,6 +42,26 @@ def register_transfer_engines() -> None:
 class RoundUpdateInfo(NCCLWeightTransferUpdateInfo):
     round_index: int
     """The sender's count of its pushes on this group: the key each worker announces it entered under."""
+    adapter_base: dict | None = None
+    """An AdapterBase's fields when the round carries LoRA adapters (set by the receiving rollout actor)."""
+
+
+def receive_round(model, update_info: RoundUpdateInfo, receive: Callable[[Callable], None]) -> None:
+    """`receive(load)` hands the round's tensors to `load` in batches: the model's own load_weights, or for a LoRA
+    round a collector whose adapters are loaded merged once the round is complete."""
+    if update_info.adapter_base is None:
+        receive(model.load_weights)
+        return
+    adapters = {}
+    receive(lambda weights: adapters.update((name, tensor.clone()) for name, tensor in weights))  # buffers are reused
+    model.load_weights(merged_weights(adapters, AdapterBase(**update_info.adapter_base)))
+
+
+class _Loader:
+    """Stands in for the model inside vLLM's NCCL receive, which only calls its load_weights."""
+
+    def __init__(self, load: Callable) -> None:
+        self.load_weights = load
 
 
 @dataclass(kw_only=True)
@@ -71,7 +94,16 @@ class EbftNcclWeightTransferEngine(NCCLWeightTransferEngine):
 
     def receive_weights(self, update_info: RoundUpdateInfo) -> None:
         self.group.announce_entered(update_info.round_index)
-        super().receive_weights(update_info)
+        model = self.model
+
+        def receive(load: Callable) -> None:
+            self.model = _Loader(load)
+            try:
+                NCCLWeightTransferEngine.receive_weights(self, update_info)
+            finally:
+                self.model = model
+
+        receive_round(model, update_info, receive)
 
 
 class GlooWeightTransferEngine(NCCLWeightTransferEngine):
@@ -109,8 +141,13 @@ class GlooWeightTransferEngine(NCCLWeightTransferEngine):
             for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes)
         ]
         self.group.announce_entered(update_info.round_index)
+        buffer_bytes = self.packed_buffer_size_bytes
         with disable_mtp_completeness_check():
-            receive_packed(metadata, self.group, self.packed_buffer_size_bytes, self.device, self.model.load_weights)
+            receive_round(
+                self.model,
+                update_info,
+                lambda load: receive_packed(metadata, self.group, buffer_bytes, self.device, load),
+            )
 
     def finish_weight_update(self) -> None:
         super().finish_weight_update()

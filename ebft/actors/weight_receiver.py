@@ -10,13 +10,16 @@ Two kinds of transport (the learner side is ebft/learner/weight_sender.py; `Conf
   start, update, finish with the version, resume).
 
 Either way the engine's prefix cache is cleared: cached KV computed with the old weights must not be reused.
+With model.lora a push carries only the adapters, which each worker merges into the base (adapter_merge.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
+from ebft.actors.adapter_merge import AdapterBase, merged_weights
 from ebft.actors.transfer_engines import refresh_tied_lm_head, register_transfer_engines
 from ebft.messages import WeightUpdate
 
@@ -34,9 +37,12 @@ class WeightReceiverExtension:
     them (numpy arrays as buffers) for one in another process, so the update travels as its numpy parts.
     """
 
-    def ebft_load_weights(self, version: int, raw: dict, layouts: dict) -> int:
-        """Load HF-named weights into the running model in place; returns how many tensors were loaded."""
+    def ebft_load_weights(self, version: int, raw: dict, layouts: dict, adapter_base: AdapterBase | None) -> int:
+        """Load HF-named weights into the running model in place (with `adapter_base`: the pushed LoRA adapters
+        merged into the base); returns how many tensors were loaded."""
         weights = WeightUpdate(version, raw, layouts).tensors()
+        if adapter_base is not None:
+            weights = dict(merged_weights(weights, adapter_base))
         # A second model.load_weights() breaks on CPU (linear weights are repacked after loading);
         # the worker's reload path re-runs that post-load processing.
         tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
@@ -71,19 +77,22 @@ def _quiet_expected_reload_warnings(tied: bool):
         reload_log.removeFilter(expected)
 
 
-def load_update_into_engine(llm, update: WeightUpdate) -> None:
+def load_update_into_engine(llm, update: WeightUpdate, adapter_base: AdapterBase | None = None) -> None:
     """Object store: paused, loaded, cache cleared, resumed."""
     with paused_engine(llm):
-        llm.collective_rpc("ebft_load_weights", args=(update.version, update.raw, update.layouts))
+        llm.collective_rpc("ebft_load_weights", args=(update.version, update.raw, update.layouts, adapter_base))
         llm.llm_engine.set_weight_version(str(update.version))
         clear_prefix_cache(llm)
 
 
-def receive_weight_broadcast(llm, update_info: dict[str, list], version: int) -> None:
+def receive_weight_broadcast(
+    llm, update_info: dict[str, list], version: int, adapter_base: AdapterBase | None = None
+) -> None:
     """Broadcast transports: blocks until the learner's broadcast completes (or its bound passes)."""
     with paused_engine(llm):
         llm.start_weight_update()
-        llm.update_weights({"update_info": update_info})
+        adapter = {} if adapter_base is None else {"adapter_base": dataclasses.asdict(adapter_base)}
+        llm.update_weights({"update_info": {**update_info, **adapter}})
         llm.finish_weight_update(weight_version=str(version))
         clear_prefix_cache(llm)
 

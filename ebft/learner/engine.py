@@ -38,7 +38,7 @@ from ebft.learner.deepspeed_setup import (
     policy_engine,
     reference_model,
 )
-from ebft.learner.lora import adapter_state_dict, save_adapter, transformers_model
+from ebft.learner.lora import adapter_metadata, adapter_state_dict, adapter_tensors, save_adapter, transformers_model
 from ebft.learner.loss import chunks_document_ce, document_ce, ebft_loss, generated_logprobs
 from ebft.learner.state_dict import gather_state_dict, iter_state_dict, state_dict_metadata
 from ebft.learner.weight_sender import WeightStream
@@ -249,9 +249,13 @@ class LearnerRank:
 
     def stream_weights(self, device: torch.device | str = "cpu") -> WeightStream:
         """HF-named weights streamed one module at a time on rank 0, nothing elsewhere (see state_dict.py), with
-        their names, shapes and dtypes first. Collective under ZeRO-3: every rank must exhaust the tensors."""
+        their names, shapes and dtypes first; with model.lora only the adapters (lora.adapter_tensors). Collective
+        under ZeRO-3: every rank must exhaust the tensors."""
         zero3 = self.config.learner.zero_stage == 3
         module = self.engine.module
+        if self.uses_lora:  # only the adapters travel; each rollout worker merges them into the base
+            tensors = adapter_tensors(module, zero3=zero3, rank=self.rank, device=device)
+            return WeightStream(adapter_metadata(module), tensors)
         tensors = iter_state_dict(module, zero3=zero3, rank=self.rank, device=device)
         return WeightStream(state_dict_metadata(module), tensors)
 

@@ -1,14 +1,16 @@
 """LoRA on the learner's policy (`model.lora`): PEFT adapters on linear layers; only they train.
 
-The rollout engines never see an adapter: the weight stream (state_dict.py) merges each adapted layer on the fly,
-W + (alpha / r) B @ A, under the base model's parameter names, so every transport and vLLM's loader get the plain
-model. A checkpoint holds those merged weights as its HF folder and the adapter in PEFT's format (checkpoint.py).
+A weight push carries only the adapters (adapter_tensors): each rollout worker merges them into the base policy
+(ebft/actors/adapter_merge.py) and serves a plain model. A checkpoint's HF folder holds the merged weights, which
+state_dict.py exports on the fly (W + (alpha / r) B @ A per adapted linear, under the base's names), and the adapter
+in PEFT's format (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -111,6 +113,31 @@ def adapter_state_dict(peft_model: torch.nn.Module, *, zero3: bool, rank: int) -
         gathered = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
     with gathered:
         return {name: p.detach().to("cpu", copy=True) for name, p in params} if rank == 0 else None
+
+
+def pushed_name(peft_name: str) -> str:
+    """`base_model.model.<linear>.lora_A.default.weight` -> `<linear>.lora_A.weight`: an adapter's name in a push,
+    its linear's HF name (ebft/actors/adapter_merge.py)."""
+    return peft_name.removeprefix("base_model.model.").replace(f".{ADAPTER}.", ".")
+
+
+def adapter_metadata(peft_model: torch.nn.Module) -> list[tuple[str, list[int], torch.dtype]]:
+    """(pushed name, shape, dtype) of what adapter_tensors yields, in its order, without gathering anything."""
+    return [
+        (pushed_name(name), list(getattr(p, "ds_shape", p.shape)), p.dtype)
+        for name, p in peft_model.named_parameters()
+        if p.requires_grad
+    ]
+
+
+def adapter_tensors(
+    peft_model: torch.nn.Module, *, zero3: bool, rank: int, device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The adapters under their pushed names, on rank 0 (nothing elsewhere): what a LoRA weight push carries. Collective
+    under ZeRO-3: every rank must exhaust it."""
+    state = adapter_state_dict(peft_model, zero3=zero3, rank=rank)
+    for name, tensor in (state or {}).items():
+        yield pushed_name(name), tensor.to(device)
 
 
 def save_adapter(peft_model: torch.nn.Module, directory: Path, state: dict[str, torch.Tensor]) -> None:
