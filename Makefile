@@ -42,7 +42,7 @@ compare: $(STAMP)
 	$(BIN)/ebft compare configs/compare.yaml training.output_dir=runs/compare-$$(date +%Y%m%d-%H%M%S) $(COMPARE_ARGS)
 
 bench: $(STAMP)
-	cd benchmarks && for b in rewards rollout features learner learner_floor attention weight_sync pipeline cost_vs_sft; do \
+	cd benchmarks && for b in rewards rollout features learner learner_floor attention weight_sync pipeline cost_vs_sft lora; do \
 		test -f $$b.py && ../$(BIN)/python $$b.py | tail -1; done
 	cd benchmarks && ../$(BIN)/python attention.py --network features | tail -1
 

@@ -20,10 +20,11 @@ FLOAT32_CPU_SETTINGS = [
     "eval.num_samples=4",
     "eval.humaneval_problems=10",
 ]
-# (minutes, the machine they were measured on) of `make demo` once the environment and model exist.
+# What `make demo` took once the environment and model existed (docs/results.md "Demo timings").
 EXPECTED = {
-    "bf16": (4, "2 cores of an AMD EPYC with AVX512-BF16"),
-    "float32": (8, "2 AVX2 cores"),
+    "bf16": "about 2 min (124-128 s on 2 AVX512-BF16 cores of an AMD EPYC; about twice that on a slower one)",
+    "float32": "2 to 8 min (116 s on an AVX-512 EPYC held to its AVX2 kernels; 5-8 min estimated for an older "
+    "2-core AVX2 EPYC)",
 }
 
 
@@ -31,9 +32,8 @@ def demo_config(path: str, overrides: list[str]) -> tuple[Config, str]:
     """The quickstart with this machine's settings (the user's overrides win), and its expected duration."""
     bf16 = cpu_has_native_bf16()
     config = load_config(path, [*([] if bf16 else FLOAT32_CPU_SETTINGS), *overrides])
-    minutes, measured_on = EXPECTED["bf16" if bf16 else "float32"]
     kind = "computes bf16 natively" if bf16 else "has no native bf16, so the demo trains in float32 and shorter"
-    expectation = f"this CPU {kind}: expect about {minutes} min (measured on {measured_on})"
+    expectation = f"this CPU {kind}: expect {EXPECTED['bf16' if bf16 else 'float32']}"
     if node_cores() < 2:
         expectation += "; with 1 core, about twice that"
     return config, expectation
