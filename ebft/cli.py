@@ -207,7 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes no positionals after an option (`compare c.yaml --budget compute training.steps=5`): such
+    # KEY=VALUE overrides are the command's too, in the order given.
+    overrides = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    if extra != overrides or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -64,9 +64,11 @@ def test_compare_dispatch(monkeypatch, config_file):
     assert cli.main(["compare", str(config_file), "training.steps=4", "training.method=sft"]) == 0
     (config,), _ = compared[0]
     assert config.training.steps == 4 and config.compare.budget == "steps"
-    assert cli.main(["compare", str(config_file), "--budget", "compute"]) == 0
+    assert cli.main(["compare", str(config_file), "--budget", "compute", "training.steps=3"]) == 0
     (config,), _ = compared[1]
-    assert config.compare.budget == "compute"
+    assert config.compare.budget == "compute" and config.training.steps == 3  # overrides after an option count
+    with pytest.raises(SystemExit):
+        cli.main(["compare", str(config_file), "--budget", "compute", "--bogus"])
 
 
 def test_config_errors_print_cleanly(config_file, capsys):
