@@ -15,15 +15,15 @@ from ebft.cpu_threads import node_cores
 
 FLOAT32_CPU_SETTINGS = [
     "data.chunk_length=64",
-    "training.steps=8",
-    "eval.every=8",
+    "training.steps=6",
+    "eval.every=6",
     "eval.num_samples=4",
     "eval.humaneval_problems=10",
 ]
 # What `make demo` took once the environment and model existed (docs/results.md "Demo timings").
 EXPECTED = {
     "bf16": "about 2 min (124-128 s on 2 AVX512-BF16 cores of an AMD EPYC; about twice that on a slower one)",
-    "float32": "2 to 8 min (116 s on an AVX-512 EPYC held to its AVX2 kernels; 5-8 min estimated for an older "
+    "float32": "2 to 7 min (100 s on an AVX-512 EPYC held to its AVX2 kernels; 5-7 min estimated for an older "
     "2-core AVX2 EPYC)",
 }
 

@@ -82,6 +82,9 @@ def test_compare_trains_both_arms_on_the_same_chunks_and_pairs_their_evaluations
         f"step_{len(compute_rows):08d}.json"
     ]
     assert "at equal machine time (EBFT 2 steps, SFT" in console.export_text()
+    # Its own files: the steps compare's stay as they were.
+    assert json.loads((root / "compare-compute.json").read_text())["budget"]["held_equal"] == "compute"
+    assert json.loads((root / "compare.json").read_text())["budget"]["held_equal"] == "steps"
 
 
 def test_sft_refuses_ebft_only_kl():

@@ -69,7 +69,7 @@ def merged_weights(adapters: Mapping[str, torch.Tensor], base: AdapterBase) -> I
     for name, weight in weights.items():
         weight = weight.to(dtype)
         linear = name.removesuffix(".weight")
-        if linear in linears:
+        if linear in linears:  # merged where the adapters arrived: on the GPU under NCCL
             a, b = adapters[linear + LORA_A].float(), adapters[linear + LORA_B].float()
-            weight = (weight.float() + (b @ a) * base.scale).to(dtype)
+            weight = (weight.to(a.device).float() + (b @ a) * base.scale).to(dtype)
         yield name, weight

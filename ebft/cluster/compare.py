@@ -7,7 +7,7 @@ held-out chunks with the same sampling seeds, so every difference is paired.
         the same steps) or until it used EBFT's measured machine time (compare.budget: compute, evaluated
         at its end)
     paired bootstrap intervals: EBFT - base, SFT - base, EBFT - SFT
-    -> a console table, compare.json and compare.png in training.output_dir
+    -> a console table, compare.json and compare.png in training.output_dir (compare-compute.* for compute)
 
 Each arm is an ordinary run in its own folder (<output_dir>/ebft, <output_dir>/sft or sft-compute): an
 interrupted compare started again reuses a finished arm and resumes an unfinished one from its last
@@ -123,10 +123,11 @@ def compare(config: Config, *, address: str | None = None, console: Console | No
     if base.step != 0:
         raise RuntimeError(f"the EBFT arm in {root / 'ebft'} has no step-0 evaluation of the base model")
     result = summarize(config, base, evaluations, elapsed, machine_s)
-    (root / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    result["plot"] = str(plot(result, root / "compare.png"))
+    stem = "compare" if config.compare.budget == "steps" else "compare-compute"  # both can share a folder
+    (root / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["plot"] = str(plot(result, root / f"{stem}.png"))
     print_table(result, console)
-    console.print(f"written: {root / 'compare.json'}, {result['plot']}", soft_wrap=True)
+    console.print(f"written: {root / f'{stem}.json'}, {result['plot']}", soft_wrap=True)
     return result
 
 
