@@ -36,7 +36,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ebft demo configs/quickstart.yaml training.output_dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
-# EBFT and SFT from the same base on the same chunks, compared on the same held-out chunks (~45 min on 2 cores).
+# EBFT and SFT from the same base on the same chunks, compared on the same held-out chunks (11-37 min on 2 cores).
 compare: $(STAMP)
 	$(BIN)/ebft models prepare smollm2
 	$(BIN)/ebft compare configs/compare.yaml training.output_dir=runs/compare-$$(date +%Y%m%d-%H%M%S) $(COMPARE_ARGS)
