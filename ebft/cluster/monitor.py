@@ -1,4 +1,5 @@
-"""What a person watching a run sees: W&B, a console progress bar, metrics.jsonl and a PNG of the curves."""
+"""What a person watching a run sees: W&B, a console progress bar, metrics.jsonl (with each step's throughput), sample
+tables and a PNG of the curves."""
 
 from __future__ import annotations
 
@@ -6,13 +7,18 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ebft.config import Config
 from ebft.evaluation.stats import Difference
+from ebft.layout import BlockPlan
+
+if TYPE_CHECKING:
+    from ebft.cluster.controller import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +185,53 @@ def plot_evaluations(ax, name: str, steps, values, intervals: dict[int, dict[str
 def is_evaluation(record: dict[str, Any]) -> bool:
     """A held-out evaluation's row: logged at the number of steps trained before it (a training row at its index)."""
     return any(name.startswith("eval/") for name in record)
+
+
+def throughput(config: Config, result: StepResult) -> dict[str, float]:
+    """Tokens and features per second of a training step, and its wall time."""
+    m = result.metrics
+    if not result.rollouts:  # sft: no rollouts
+        docs = config.training.docs_per_step
+        step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
+        return {
+            "perf/trained_tokens_per_s": docs * config.data.chunk_length / max(m["timing/train"], 1e-9),
+            "perf/step_time_s": step_time,
+        }
+    docs = sum(len(r.chunks.chunk_ids) for r in result.rollouts)
+    s = config.sampling
+    generated = docs * s.num_samples * config.num_blocks * s.block_length
+    step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
+    return {
+        "perf/generated_tokens_per_s": generated / max(m["timing/generate"], 1e-9),
+        "perf/features_per_s": docs * s.num_samples * config.num_blocks / max(m["timing/features"], 1e-9),
+        "perf/trained_tokens_per_s": (generated + docs * config.data.chunk_length) / max(m["timing/train"], 1e-9),
+        "perf/step_time_s": step_time,
+    }
+
+
+def sample_rows(config: Config, tokenizer, result: StepResult, blocks: int = 4) -> list[dict[str, Any]]:
+    """(prefix tail, rollout, ground truth, reward) of a few blocks of the step's first document."""
+    from ebft.rewards import compute_rewards
+
+    plan = BlockPlan.from_config(config)
+    rollout, features = result.rollouts[0], result.features[0]
+    rewards = compute_rewards(
+        features.rollout_features[0],
+        features.gt_features[0],
+        config.reward,  # [NB, n, D], [NB, D]
+    ).rewards
+    doc = rollout.chunks.tokens[0]
+    rows = []
+    for k in np.linspace(0, plan.num_blocks - 1, num=min(blocks, plan.num_blocks)).round().astype(int).tolist():
+        prefix_end = int(plan.prefix_lengths[k])
+        rows.append(
+            {
+                "step": result.step,
+                "block": k,
+                "prefix": tokenizer.decode(doc[max(0, prefix_end - 64) : prefix_end]),
+                "rollout": tokenizer.decode(rollout.tokens[0, 0, k]),
+                "ground_truth": tokenizer.decode(doc[prefix_end : prefix_end + plan.block_length]),
+                "reward": float(rewards[k, 0]),
+            }
+        )
+    return rows

@@ -20,14 +20,13 @@ import yaml
 
 from ebft.cluster.controller import Controller, RestorePoint, StepResult, timed
 from ebft.cluster.cost import machine_seconds
-from ebft.cluster.monitor import Monitor
+from ebft.cluster.monitor import Monitor, sample_rows, throughput
 from ebft.cluster.placement import create_placement_groups
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config, ConfigError, build_config, dump_config
 from ebft.evaluation.code import humaneval_path
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, paired_differences
 from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
-from ebft.layout import BlockPlan
 
 if TYPE_CHECKING:
     from ebft.data.chunks import ChunkStream, PreparedData
@@ -452,52 +451,3 @@ def _read_start(checkpoint: Path | None) -> dict[str, int]:
 
     state = read_trainer_state(checkpoint)
     return {"step": int(state["step"]), "version": int(state["weight_version"])}
-
-
-def throughput(config: Config, result: StepResult) -> dict[str, float]:
-    m = result.metrics
-    if not result.rollouts:  # sft: no rollouts
-        docs = config.training.docs_per_step
-        step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
-        return {
-            "perf/trained_tokens_per_s": docs * config.data.chunk_length / max(m["timing/train"], 1e-9),
-            "perf/step_time_s": step_time,
-        }
-    docs = sum(len(r.chunks.chunk_ids) for r in result.rollouts)
-    s = config.sampling
-    generated = docs * s.num_samples * config.num_blocks * s.block_length
-    step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
-    return {
-        "perf/generated_tokens_per_s": generated / max(m["timing/generate"], 1e-9),
-        "perf/features_per_s": docs * s.num_samples * config.num_blocks / max(m["timing/features"], 1e-9),
-        "perf/trained_tokens_per_s": (generated + docs * config.data.chunk_length) / max(m["timing/train"], 1e-9),
-        "perf/step_time_s": step_time,
-    }
-
-
-def sample_rows(config: Config, tokenizer, result: StepResult, blocks: int = 4) -> list[dict[str, Any]]:
-    """(prefix tail, rollout, ground truth, reward) of a few blocks of the step's first document."""
-    from ebft.rewards import compute_rewards
-
-    plan = BlockPlan.from_config(config)
-    rollout, features = result.rollouts[0], result.features[0]
-    rewards = compute_rewards(
-        features.rollout_features[0],
-        features.gt_features[0],
-        config.reward,  # [NB, n, D], [NB, D]
-    ).rewards
-    doc = rollout.chunks.tokens[0]
-    rows = []
-    for k in np.linspace(0, plan.num_blocks - 1, num=min(blocks, plan.num_blocks)).round().astype(int).tolist():
-        prefix_end = int(plan.prefix_lengths[k])
-        rows.append(
-            {
-                "step": result.step,
-                "block": k,
-                "prefix": tokenizer.decode(doc[max(0, prefix_end - 64) : prefix_end]),
-                "rollout": tokenizer.decode(rollout.tokens[0, 0, k]),
-                "ground_truth": tokenizer.decode(doc[prefix_end : prefix_end + plan.block_length]),
-                "reward": float(rewards[k, 0]),
-            }
-        )
-    return rows
