@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ebft.lora_merge import merged
+
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -70,6 +72,5 @@ def merged_weights(adapters: Mapping[str, torch.Tensor], base: AdapterBase) -> I
         weight = weight.to(dtype)
         linear = name.removesuffix(".weight")
         if linear in linears:  # merged where the adapters arrived: on the GPU under NCCL
-            a, b = adapters[linear + LORA_A].float(), adapters[linear + LORA_B].float()
-            weight = (weight.to(a.device).float() + (b @ a) * base.scale).to(dtype)
+            weight = merged(weight, adapters[linear + LORA_A], adapters[linear + LORA_B], base.scale)
         yield name, weight

@@ -72,10 +72,11 @@ def run_arm(config: Config, console: Console, index: int, address: str | None) -
     steps, budget = config.training.steps, config.training.machine_budget_s
     length = f"{steps} steps" if budget is None else f"until {budget:,.0f} device-s (at most {steps} steps)"
     console.rule(f"compare {index}/2: {method}, {length}  ({run_dir})")
-    if finished(load_evaluations(run_dir, steps), config):
+    earlier = load_evaluations(run_dir, steps)
+    if finished(earlier, config):
         check_same_run(run_dir, config)
         console.print(f"{method}: finished earlier in {run_dir}; reusing its evaluations")
-        return load_evaluations(run_dir, steps)
+        return earlier
     resume = run_dir.exists() and latest_checkpoint(run_dir / "checkpoints") is not None
     print_summary(run(config, resume=resume, address=address), console=console)
     return load_evaluations(run_dir, steps)

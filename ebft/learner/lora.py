@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ebft.config import ConfigError, LoraConfig
+from ebft.lora_merge import merged
 
 ADAPTER = "default"
 """PEFT's name of the one adapter the policy carries."""
@@ -98,8 +99,8 @@ def adapter_parameters(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
 def merged_weight(layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """A LoRA layer's base `weight` plus its update scale * B @ A as a new tensor: summed in float32 and rounded once
     to the weight's dtype."""
-    a, b = (p.detach().float() for p in adapter_parameters(layer))
-    return (weight.float() + (b @ a) * layer.scaling[ADAPTER]).to(weight.dtype)
+    a, b = (p.detach() for p in adapter_parameters(layer))
+    return merged(weight, a, b, layer.scaling[ADAPTER])
 
 
 def adapter_state_dict(peft_model: torch.nn.Module, *, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:
