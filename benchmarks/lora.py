@@ -1,12 +1,16 @@
 """LoRA against full fine-tuning, side by side in one run: bytes and seconds per weight push, the learner's step time
-and peak memory, for SmolLM2-135M at the demo's settings (T = 128, 2 documents x 4 samples per step, ZeRO-2,
-`model.dtype: auto`), and on paper the learner's memory per GPU for Qwen2.5-1.5B and 7B at the paper geometry.
+and peak memory, generation tokens/s with the adapters merged vs served, for SmolLM2-135M at the demo's settings
+(T = 128, 2 documents x 4 samples per step, ZeRO-2, `model.dtype: auto`), and on paper the learner's memory per GPU
+for Qwen2.5-1.5B and 7B at the paper geometry.
 
-Each learner is a `LearnerGroup` as a run starts it, one after the other, training on the same rollouts (sampled by
-a real rollout actor; random features stand in for the feature network, which the learner's cost does not depend
-on). A push is `push_weights().confirm()` over `--transport` into that rollout actor, the path a training step runs:
-full weights carry the whole model, LoRA the adapters alone, which the worker merges into the base
-(ebft/actors/adapter_merge.py). Peak memory is the learner process's high-water mark (VmHWM) after its steps.
+Three arms, one after the other, each a `LearnerGroup` as a run starts it with its own rollout actor: full weights;
+LoRA with `rollout.lora_sync: merged` (the worker merges the pushed adapters into the base and reloads,
+ebft/actors/adapter_merge.py); LoRA with `lora_sync: adapter` (the worker registers them with vLLM's LoRA layers,
+ebft/actors/adapter_serving.py). Each learner trains on the same rollouts (sampled by a real rollout actor; random
+features stand in for the feature network, which the learner's cost does not depend on). A push is
+`push_weights().confirm()` over `--transport`, the path a training step runs. Generation is the actor's `generate`
+of the training chunks after the pushes, as a step runs it. Peak memory is the learner process's high-water mark
+(VmHWM) after its steps.
 
     python benchmarks/lora.py [--rank 16] [--steps 3] [--pushes 3] [--transport object_store|gloo]
 """
@@ -71,7 +75,7 @@ def pushed_bytes(actor) -> int:
     return ray.get(actor.__ray_call__.remote(read))
 
 
-def measure(config, model_path: str, actor, rollouts, features, steps: int, pushes: int) -> dict[str, float]:
+def measure(config, model_path: str, actor, chunks, rollouts, features, steps: int, pushes: int) -> dict[str, float]:
     from ebft.learner.group import LearnerGroup
 
     group = LearnerGroup(config, model_path)
@@ -86,14 +90,42 @@ def measure(config, model_path: str, actor, rollouts, features, steps: int, push
             started = time.perf_counter()
             assert group.push_weights().confirm() == group.weight_version
             push_s.append(time.perf_counter() - started)
+        generate_s = []
+        for _ in range(3):
+            batch = ray.get(actor.generate.remote(chunks))
+            assert batch.weight_version == group.weight_version
+            generate_s.append(batch.elapsed_s)
         return {
             "step_s": statistics.median(step_s[1:]),
             "push_s": min(push_s[1:]),
             "push_bytes": pushed_bytes(group.actors[0]),
             "peak_mib": high_water_mib(group.actors[0]),
+            "generate_tok_s": batch.tokens.numel() / statistics.median(generate_s),
         }
     finally:
         group.shutdown()
+
+
+def adapter_params(model_path: str, rank: int, targets: list[str]) -> int:
+    """LoRA parameters of rank `rank` on `targets` of a Llama-like model: r x (in + out) per adapted linear."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    hidden, inter, kv = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_key_value_heads * (c.hidden_size // c.num_attention_heads),
+    )
+    sides = {
+        "q_proj": hidden + hidden,
+        "k_proj": hidden + kv,
+        "v_proj": hidden + kv,
+        "o_proj": hidden + hidden,
+        "gate_proj": hidden + inter,
+        "up_proj": hidden + inter,
+        "down_proj": inter + hidden,
+    }
+    return c.num_hidden_layers * rank * sum(sides[t] for t in targets)
 
 
 def paper_memory_gib(name: str, rank: int, gpus: int) -> tuple[float, float]:
@@ -134,7 +166,12 @@ def main() -> None:
         "resources": {pool: {"num_actors": 1, "cpus_per_actor": 1} for pool in ("rollout", "features", "learner")},
     }
     full = build_config(raw)
-    lora = build_config({**raw, "model": {**raw["model"], "lora": {"rank": args.rank, "alpha": 2.0 * args.rank}}})
+    with_lora = {**raw, "model": {**raw["model"], "lora": {"rank": args.rank, "alpha": 2.0 * args.rank}}}
+    arms = {
+        "full": full,
+        "merged": build_config(with_lora),
+        "adapter": build_config({**with_lora, "rollout": {**raw["rollout"], "lora_sync": "adapter"}}),
+    }
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         actor = create_rollout_actor(full, model_path, enforce_eager=True)
@@ -147,26 +184,41 @@ def main() -> None:
             torch.randn(2, full.num_blocks, 3 * 576, generator=generator),
         )
         measured = {}
-        for name, config in (("full", full), ("lora", lora)):
-            # The LoRA learner pushes into an engine that merges its adapters: one started with the LoRA config.
+        for name, config in arms.items():
+            # Each LoRA arm pushes into an engine started with its config (merging or serving the adapters).
             receiver = actor if name == "full" else create_rollout_actor(config, model_path, enforce_eager=True)
-            measured[name] = measure(config, model_path, receiver, rollouts, features, args.steps, args.pushes)
+            measured[name] = measure(config, model_path, receiver, chunks, rollouts, features, args.steps, args.pushes)
             print(f"{name}: {measured[name]}", flush=True)
+            ray.kill(receiver)
     finally:
         ray.shutdown()
 
-    ff, lo = measured["full"], measured["lora"]
+    ff, lo, ad = measured["full"], measured["merged"], measured["adapter"]
     print(f"SmolLM2-135M {full.model.dtype}, LoRA rank {args.rank} on {', '.join(TARGETS)}, {args.transport}")
-    print(f"{'':22}{'full':>12}{'LoRA':>12}{'full/LoRA':>11}")
+    print(f"{'':24}{'full':>11}{'LoRA merged':>13}{'LoRA served':>13}{'full/merged':>13}{'full/served':>13}")
+
+    def row(label, key, scale=1.0, fmt="12.3f"):
+        values = [m[key] * scale for m in (ff, lo, ad)]
+        print(
+            f"{label:24}{values[0]:{fmt}}{values[1]:{fmt}}{values[2]:{fmt}}"
+            f"{values[0] / values[1]:13.2f}{values[0] / values[2]:13.2f}"
+        )
+
+    row("bytes per push (MiB)", "push_bytes", 2**-20, "11.1f")
+    row("seconds per push", "push_s", fmt="13.3f")
+    row("learner step (s)", "step_s", fmt="13.2f")
+    row("learner peak (MiB)", "peak_mib", fmt="13.0f")
+    row("generated tokens/s", "generate_tok_s", fmt="13.0f")
+    step_tokens = rollouts.tokens.numel()
+    rollout_s = {name: step_tokens / m["generate_tok_s"] + m["push_s"] for name, m in measured.items()}
     print(
-        f"{'bytes per push':22}{ff['push_bytes'] / 2**20:10.1f}Mi{lo['push_bytes'] / 2**20:10.1f}Mi"
-        f"{ff['push_bytes'] / lo['push_bytes']:11.1f}"
+        f"a step's rollout work (generate the step's chunks + one push): merged {rollout_s['merged']:.2f} s, "
+        f"served {rollout_s['adapter']:.2f} s"
     )
-    print(f"{'seconds per push':22}{ff['push_s']:12.3f}{lo['push_s']:12.3f}{ff['push_s'] / lo['push_s']:11.1f}")
-    print(f"{'learner step (s)':22}{ff['step_s']:12.2f}{lo['step_s']:12.2f}{ff['step_s'] / lo['step_s']:11.2f}")
-    print(
-        f"{'learner peak (MiB)':22}{ff['peak_mib']:12.0f}{lo['peak_mib']:12.0f}{ff['peak_mib'] / lo['peak_mib']:11.2f}"
-    )
+    bytes_per_param = lo["push_bytes"] / adapter_params(model_path, args.rank, TARGETS)
+    for label, targets in (("q, k, v, o", TARGETS[:4]), ("q, v", ["q_proj", "v_proj"])):
+        ratio = ff["push_bytes"] / (adapter_params(model_path, args.rank, targets) * bytes_per_param)
+        print(f"on paper, rank {args.rank} on {label} only: {ratio:.0f}x fewer bytes per push than full weights")
     paper = {}
     for model in PAPER_MODELS:
         for gpus in (4, 8):
@@ -180,16 +232,21 @@ def main() -> None:
         {
             "benchmark": "lora",
             "bytes_ratio": round(ff["push_bytes"] / lo["push_bytes"], 2),
-            "push_time_ratio": round(ff["push_s"] / lo["push_s"], 2),
+            "push_time_ratio": {
+                "merged": round(ff["push_s"] / lo["push_s"], 2),
+                "served": round(ff["push_s"] / ad["push_s"], 2),
+            },
             "step_time_ratio": round(ff["step_s"] / lo["step_s"], 3),
             "peak_memory_ratio": round(ff["peak_mib"] / lo["peak_mib"], 3),
-            "full": {k: round(v, 3) for k, v in ff.items()},
-            "lora": {k: round(v, 3) for k, v in lo.items()},
+            "served_over_merged_tok_s": round(ad["generate_tok_s"] / lo["generate_tok_s"], 3),
+            "rollout_s_per_step": {k: round(v, 3) for k, v in rollout_s.items()},
+            **{name: {k: round(v, 3) for k, v in m.items()} for name, m in measured.items()},
             "rank": args.rank,
             "transport": args.transport,
             "dtype": full.model.dtype,
             "paper_model_state_gib": paper,
             "goal": "bytes_ratio >= 50 and push_time_ratio >= 10",
+            "faster_lora_sync_here": min(("merged", "adapter"), key=rollout_s.get),
         }
     )
 

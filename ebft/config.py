@@ -193,6 +193,11 @@ class RolloutConfig(Section):
     """Run the engine's model without torch.compile (and CUDA graphs). None: eager on CPU, where compiling costs
     ~40-110 s at every start (vLLM's compile cache does not load there) for no measurable gain in these
     batches (docs/results.md "Demo timings"); compiled on GPU."""
+    lora_sync: Literal["merged", "adapter"] = "merged"
+    """With model.lora, what a push does in the engines: `merged` adds the adapters into the engine's weights and
+    serves a plain model; `adapter` registers them with vLLM's LoRA layers, which apply them at every token (a push
+    costs milliseconds instead of a reload). Merged is the default: adapter serving generated several times slower
+    on CPU and a step took longer overall (docs/results.md "LoRA"); on GPUs measure both (benchmarks/lora.py)."""
 
 
 class LearnerConfig(Section):
@@ -357,6 +362,14 @@ class Config(Section):
                 "temperature), so rollouts from a nucleus would bias the policy gradient and the importance ratios; "
                 "set sampling.top_p=1.0 (the paper's setting)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_sync(self) -> Config:
+        lora = self.model.lora
+        if self.rollout.lora_sync == "adapter" and (lora is None or lora.rank > 512):
+            fix = "set model.lora" if lora is None else "lower model.lora.rank (vLLM serves ranks up to 512)"
+            raise ValueError(f"rollout.lora_sync=adapter serves LoRA adapters: {fix}, or set rollout.lora_sync=merged")
         return self
 
     @model_validator(mode="after")

@@ -64,8 +64,8 @@ class WeightUpdate:
     """
 
     version: int
-    raw: dict[str, np.ndarray]
-    """HF name -> the tensor's bytes (uint8, C order)."""
+    raw: dict[str, np.ndarray | bytes]
+    """HF name -> the tensor's bytes (uint8, C order; `bytes` once msgpack carried them to another process)."""
     layouts: dict[str, tuple[str, tuple[int, ...]]]
     """HF name -> (torch dtype name, shape)."""
 
@@ -84,6 +84,6 @@ class WeightUpdate:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return {
-                name: torch.from_numpy(self.raw[name]).view(getattr(torch, dtype)).view(shape)
+                name: torch.from_numpy(np.frombuffer(self.raw[name], np.uint8)).view(getattr(torch, dtype)).view(shape)
                 for name, (dtype, shape) in self.layouts.items()
             }

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ebft.actors.adapter_merge import AdapterBase, merged_weights
+from ebft.actors.adapter_serving import ServedAdapter
 from ebft.config import ConfigError, LoraConfig, build_config
 from ebft.evaluation.checkpoint_eval import resolve_evaluated_model
 from ebft.learner import checkpoint as ckpt
@@ -331,11 +332,65 @@ def test_rollout_worker_merges_pushed_adapters_and_samples_from_the_lora_policy(
 
 
 @pytest.mark.slow
-def test_a_gloo_lora_push_merges_the_adapters_in_each_multiprocess_engine(local_ray, tmp_path_factory, tmp_path):
-    """The broadcast transports carry adapters the way they carry weights: over gloo into engines in their own
-    EngineCore processes, whose greedy output is then that of PEFT's own merge of the checkpoint's adapter."""
-    from ebft.actors.pool import create_rollout_actor
+def test_an_engine_serving_adapters_samples_each_pushed_version_and_never_the_one_before(tmp_path_factory):
+    """rollout.lora_sync: adapter. vLLM's LoRA layers serve adapters registered from the pushed tensors in memory:
+    the log-probs of the engine's own samples are the float64 PEFT model's at the base, after a push, and after the
+    next push, whose policy is not the one before."""
+    from ebft.actors.rollout import RolloutWorker
+
+    model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-served-lora"), tie_word_embeddings=True, layers=2)
+    learner = LearnerRank(lora_config(optim={"lr": 3e-2}), model_dir)
+    config = learner.config.model_copy(
+        update={
+            "model": learner.config.model.model_copy(update={"policy": str(model_dir)}),
+            "rollout": learner.config.rollout.model_copy(update={"kv_cache_gib": 0.05, "lora_sync": "adapter"}),
+        }
+    )
+    worker = RolloutWorker(config, str(model_dir), enforce_eager=True)
+    chunks = ChunkBatch([0, 1], make_batch(2, seed=92, version=0)[0].chunks.tokens, step=0)
+
+    def sampled_and_reference(adapter_weights):
+        sampled = worker.generate(chunks)
+        model = peft_reference(model_dir, config, adapter_weights)
+        with torch.no_grad():
+            expected = [
+                [reference_logprobs(model, chunks.tokens[i], sampled.tokens[i, j], 0.7)[0] for j in range(N_SAMPLES)]
+                for i in range(2)
+            ]
+        return sampled.behavior_logprobs.double(), torch.stack([torch.stack(e) for e in expected])
+
+    try:
+        versions = [adapters(learner)]
+        torch.testing.assert_close(*sampled_and_reference(versions[0]), atol=2e-5, rtol=0)  # B = 0: the base
+        for version in (1, 2):
+            batch = make_batch(4, seed=93 + version, version=version - 1)
+            learner.train_step([batch[0]], [batch[1]], current_version=version - 1)
+            versions.append(adapters(learner))
+            assert worker.update_weights(pushed(learner)) == version == learner.weight_version
+            torch.testing.assert_close(*sampled_and_reference(versions[version]), atol=2e-5, rtol=0)
+        served, stale = sampled_and_reference(versions[1])
+        assert (served - stale).abs().max() > 1e-3  # the version before would have sampled differently
+    finally:
+        worker.shutdown()
+        learner.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "transport, lora_sync",
+    [("gloo", "merged"), ("gloo", "adapter"), ("object_store", "merged")],
+    ids=["gloo-merged", "gloo-adapter", "object_store-merged"],
+)
+def test_a_lora_push_reaches_a_multiprocess_engine(
+    local_ray, tmp_path_factory, tmp_path, monkeypatch, transport, lora_sync
+):
+    """The transports carry adapters the way they carry weights, into engines in their own EngineCore processes as
+    GPU engines run (the object store's settings then cross a process as msgpack), which merge or serve them; their
+    greedy output is then that of PEFT's own merge of the checkpoint's adapter."""
+    from ebft.actors import pool
     from ebft.learner.group import LearnerGroup
+
+    monkeypatch.setitem(pool.CPU_ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING", "1")
 
     model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-gloo-lora"), tie_word_embeddings=True, layers=2)
     trained = trained_learner(model_dir, stage=2, steps=1)
@@ -344,9 +399,9 @@ def test_a_gloo_lora_push_merges_the_adapters_in_each_multiprocess_engine(local_
     trained.close()
     raw["model"]["policy"] = str(model_dir)
     raw["resources"] = {pool: {"cpus_per_actor": 0.5, "threads": 1} for pool in ("rollout", "features", "learner")}
-    raw["rollout"].update(kv_cache_gib=0.125, weight_transport="gloo", weight_buffer_mib=0.01)
+    raw["rollout"].update(kv_cache_gib=0.125, weight_transport=transport, weight_buffer_mib=0.01, lora_sync=lora_sync)
     config = build_config(raw)
-    actor = create_rollout_actor(config, str(model_dir), max_model_len=64)
+    actor = pool.create_rollout_actor(config, str(model_dir), max_model_len=64)
     learner = LearnerGroup(config, str(model_dir))
     try:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -395,18 +450,28 @@ def test_lora_section_is_off_by_default_and_validated():
         build_config({}, ["model.lora.target_modules=[]"])
     with pytest.raises(ConfigError, match="model.lora.dropout"):
         build_config({}, ["model.lora.dropout=1.0"])
+    assert build_config({}).rollout.lora_sync == "merged"
+    with pytest.raises(ConfigError, match="lora_sync=adapter serves LoRA adapters: set model.lora, or set rollout"):
+        build_config({}, ["rollout.lora_sync=adapter"])
+    with pytest.raises(ConfigError, match="lower model.lora.rank"):
+        build_config({}, ["rollout.lora_sync=adapter", "model.lora.rank=1024"])
+    served = build_config({}, ["rollout.lora_sync=adapter", "model.lora.rank=20"])
+    assert ServedAdapter.from_config(served).engine_options()["max_lora_rank"] == 32  # vLLM's next size up
+    assert AdapterBase.from_config(served) is None  # served, not merged
 
 
 # ----------------------------------------------------------------------------- whole runs
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
 def test_a_lora_run_survives_a_killed_rollout_actor_and_learner_and_ends_as_an_uninterrupted_one(
-    local_ray, tiny_model_with_tokenizer, tmp_path
+    local_ray, tiny_model_with_tokenizer, tmp_path, lora_sync
 ):
     """A synchronous LoRA run through all three pools: the rollout actor is SIGKILLed after step 1 (its replacement
-    starts from the base and merges the pushed adapters) and the learner rank after step 3 (it restarts from the
-    checkpoint at step 2). Every chunk is trained once, and the final adapter equals an uninterrupted run's."""
+    starts from the base and takes the pushed adapters, merged or served) and the learner rank after step 3 (it
+    restarts from the checkpoint at step 2). Every chunk is trained once, and the final adapter equals an
+    uninterrupted run's."""
     from ebft.cluster.train import run
 
     def lora_run(folder, kills=()):
@@ -417,6 +482,7 @@ def test_a_lora_run_survives_a_killed_rollout_actor_and_learner_and_ends_as_an_u
             training={"max_staleness": 0, "steps": 4},
             checkpoint={"every": 2},
         )
+        raw["rollout"]["lora_sync"] = lora_sync
         killed: list[int] = []
         killers = [
             threading.Thread(

@@ -2,8 +2,8 @@
 (`<linear>.lora_A.weight` [r, in], `<linear>.lora_B.weight` [out, r]). Each engine worker merges them into the base
 policy's weights, which it reads once, W + (alpha / r) B @ A summed in float32 and rounded once to the model's dtype
 (as the learner merges its checkpoints), and loads the result through the same reload as a full push. A push then
-moves the adapters' bytes while the engine serves a plain model: vLLM's own LoRA serving ran 4-6x slower on CPU
-(docs/results.md "LoRA").
+moves the adapters' bytes while the engine serves a plain model. This is `rollout.lora_sync: merged`, the default;
+`adapter` serves them through vLLM's LoRA layers instead (adapter_serving.py).
 """
 
 from __future__ import annotations
@@ -31,15 +31,13 @@ class AdapterBase:
     @classmethod
     def from_config(cls, config) -> AdapterBase | None:
         """The base of a run's LoRA pushes: model.policy (not the engine's own model, which may be a checkpoint's
-        merged weights); None without model.lora."""
+        merged weights); None without model.lora, or where the engine serves the adapters unmerged."""
         from ebft.model_sources import resolve_model_path
 
         lora = config.model.lora
-        return (
-            None
-            if lora is None
-            else cls(resolve_model_path(config.model.policy), lora.alpha / lora.rank, config.model.dtype)
-        )
+        if lora is None or config.rollout.lora_sync != "merged":
+            return None
+        return cls(resolve_model_path(config.model.policy), lora.alpha / lora.rank, config.model.dtype)
 
 
 @functools.lru_cache(maxsize=1)

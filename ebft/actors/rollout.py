@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ebft.actors.adapter_merge import AdapterBase
+from ebft.actors.adapter_serving import ServedAdapter, lora_request
 from ebft.actors.engine_process import bind_engine_to_actor
 from ebft.actors.weight_receiver import WORKER_EXTENSION, load_update_into_engine, receive_weight_broadcast
 from ebft.config import BROADCAST_TRANSPORTS, NCCL
@@ -105,7 +106,10 @@ class RolloutWorker:
         self._version = 0
         self._rewound_to: int | None = None
         self._transfer_open = False  # a broadcast transport's group is open in the engine
-        self.adapter_base = AdapterBase.from_config(config)  # with model.lora a push holds adapters
+        # With model.lora a push holds adapters, which the engine merges (adapter_base) or serves (served_adapter).
+        self.adapter_base = AdapterBase.from_config(config)
+        self.served_adapter = ServedAdapter.from_config(config)
+        self._lora_request = None  # the served adapter's request; none before the first push
         max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
         self.llm = self._build_engine(
             enforce_eager=runs_eager(config) if enforce_eager is None else enforce_eager,
@@ -138,6 +142,8 @@ class RolloutWorker:
             skip_tokenizer_init=not has_tokenizer(self.model_path),
             trust_remote_code=self.config.model.trust_remote_code,
         )
+        if self.served_adapter is not None:
+            options.update(self.served_adapter.engine_options())
         transport = self.config.weight_transport
         if transport in BROADCAST_TRANSPORTS:
             from vllm.config import WeightTransferConfig
@@ -204,7 +210,7 @@ class RolloutWorker:
                 seed = block_seed(self.config.training.seed, chunks.step, chunk_id, block)
                 params.append(self._block_params(seed, n))
         with all_cores(alone and not self.on_gpu):
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
 
         num_docs, NB, G = docs.shape[0], plan.num_blocks, plan.block_length
         tokens = torch.empty(num_docs, n, NB, G, dtype=torch.int64)
@@ -255,9 +261,14 @@ class RolloutWorker:
     def update_weights(self, update: WeightUpdate) -> int:
         """Object-store transport: load the pushed weights into the running engine; returns the new version."""
         self._check_forward(update.version)
-        load_update_into_engine(self.llm, update, self.adapter_base)
-        self._version = update.version
+        load_update_into_engine(self.llm, update, self.adapter_base, self.served_adapter)
+        self._pushed(update.version)
         return self._version
+
+    def _pushed(self, version: int) -> None:
+        self._version = version
+        if self.served_adapter is not None:
+            self._lora_request = lora_request(version)
 
     def weight_transfer_world_size(self) -> int:
         """Ranks this engine occupies in the weight-transfer group (its TP x PP size)."""
@@ -267,6 +278,8 @@ class RolloutWorker:
         """Broadcast transports: join a learner's transfer group (blocks until its rank 0 joins, within its bound).
         A group from an earlier connection (a learner that restarted, a pool member replaced) is shut down first."""
         self.close_weight_transfer()
+        if self.served_adapter is not None:
+            init_info = {**init_info, "serves_adapters": True}
         self.llm.init_weight_transfer_engine({"init_info": init_info})
         self._transfer_open = True
 
@@ -281,11 +294,11 @@ class RolloutWorker:
         group closed, ready for the next connection."""
         self._check_forward(version)
         try:
-            receive_weight_broadcast(self.llm, update_info, version, self.adapter_base)
+            receive_weight_broadcast(self.llm, update_info, version, self.adapter_base, self.served_adapter)
         except Exception:
             self.close_weight_transfer()
             raise
-        self._version = version
+        self._pushed(version)
         return self._version
 
     # ------------------------------------------------------------------ evaluation
@@ -323,7 +336,7 @@ class RolloutWorker:
         )
         inputs = prompts if as_text else [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         with all_cores(alone and not self.on_gpu):
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._lora_request)
         ordered = [sorted(output.outputs, key=lambda sample: sample.index) for output in outputs]
         if as_text:
             return [[sample.text for sample in samples] for samples in ordered]

@@ -10,7 +10,9 @@ finish_weight_update, shutdown_weight_transfer_engine.
 
 Both announce in the group's store that the worker entered a round before they receive anything, so the learner's
 rank 0 broadcasts only once every receiver is inside (ebft/weight_broadcast.py). A round whose update info names an
-`adapter_base` carries LoRA adapters: they are collected and loaded merged into the base (adapter_merge.py).
+`adapter_base` carries LoRA adapters: they are collected and loaded merged into the base (adapter_merge.py). An engine
+that serves adapters (`serves_adapters` at init, rollout.lora_sync: adapter) reloads no weights: it keeps each round's
+adapters for the rollout actor to register with vLLM's LoRA layers (adapter_serving.py).
 """
 
 from __future__ import annotations
@@ -46,17 +48,6 @@ class RoundUpdateInfo(NCCLWeightTransferUpdateInfo):
     """An AdapterBase's fields when the round carries LoRA adapters (set by the receiving rollout actor)."""
 
 
-def receive_round(model, update_info: RoundUpdateInfo, receive: Callable[[Callable], None]) -> None:
-    """`receive(load)` hands the round's tensors to `load` in batches: the model's own load_weights, or for a LoRA
-    round a collector whose adapters are loaded merged once the round is complete."""
-    if update_info.adapter_base is None:
-        receive(model.load_weights)
-        return
-    adapters = {}
-    receive(lambda weights: adapters.update((name, tensor.clone()) for name, tensor in weights))  # buffers are reused
-    model.load_weights(merged_weights(adapters, AdapterBase(**update_info.adapter_base)))
-
-
 class _Loader:
     """Stands in for the model inside vLLM's NCCL receive, which only calls its load_weights."""
 
@@ -68,6 +59,8 @@ class _Loader:
 class TimedInitInfo(NCCLWeightTransferInitInfo):
     timeout_s: float = 600.0
     """Bound of every wait of this group (rendezvous, each broadcast)."""
+    serves_adapters: bool = False
+    """Set by a rollout actor whose engine serves LoRA adapters: rounds bring adapters to keep, not weights."""
 
 
 def group_rank(parallel_config, rank_offset: int) -> int:
@@ -77,16 +70,45 @@ def group_rank(parallel_config, rank_offset: int) -> int:
     return worker + rank_offset
 
 
-class EbftNcclWeightTransferEngine(NCCLWeightTransferEngine):
-    """vLLM's NCCL engine, announcing each round before it receives."""
+class RoundEngine(NCCLWeightTransferEngine):
+    """What both engines add to vLLM's NCCL engine: timed groups, announced rounds, LoRA rounds."""
 
     init_info_cls = TimedInitInfo
     update_info_cls = RoundUpdateInfo
+    serves_adapters = False
+    received_adapters: dict[str, torch.Tensor] | None = None
+    """A served-adapter round's tensors, until the rollout actor registers them."""
+
+    def start_weight_update(self) -> None:
+        if not self.serves_adapters:  # a layerwise reload of the weights
+            super().start_weight_update()
+
+    def finish_weight_update(self) -> None:
+        if not self.serves_adapters:
+            super().finish_weight_update()
+
+    def receive_round(self, model, update_info: RoundUpdateInfo, receive: Callable[[Callable], None]) -> None:
+        """`receive(load)` hands the round's tensors to `load` in batches: the model's own load_weights, or for a LoRA
+        round a collector whose adapters are kept to serve or loaded merged once the round is complete."""
+        if not (self.serves_adapters or update_info.adapter_base):
+            receive(model.load_weights)
+            return
+        adapters = {}
+        receive(lambda weights: adapters.update((name, tensor.clone()) for name, tensor in weights))  # reused buffers
+        if self.serves_adapters:
+            self.received_adapters = adapters
+        else:
+            model.load_weights(merged_weights(adapters, AdapterBase(**update_info.adapter_base)))
+
+
+class EbftNcclWeightTransferEngine(RoundEngine):
+    """vLLM's NCCL engine, announcing each round before it receives."""
 
     def init_transfer_engine(self, init_info: TimedInitInfo) -> None:
         self.shutdown()  # vLLM's NCCL engine would overwrite a previous communicator without releasing it
         super().init_transfer_engine(init_info)
         self.group = as_transfer_group(self.model_update_group, init_info.timeout_s)
+        self.serves_adapters = init_info.serves_adapters
 
     def update_weights(self, update_info: dict) -> None:
         with restored_on_failure(self):
@@ -103,17 +125,15 @@ class EbftNcclWeightTransferEngine(NCCLWeightTransferEngine):
             finally:
                 self.model = model
 
-        receive_round(model, update_info, receive)
+        self.receive_round(model, update_info, receive)
 
 
-class GlooWeightTransferEngine(NCCLWeightTransferEngine):
+class GlooWeightTransferEngine(RoundEngine):
     """The NCCL engine's layerwise reload (start / finish) with a gloo group and the packed wire format."""
-
-    init_info_cls = TimedInitInfo
-    update_info_cls = RoundUpdateInfo
 
     def init_transfer_engine(self, init_info: TimedInitInfo) -> None:
         self.shutdown()
+        self.serves_adapters = init_info.serves_adapters
         self.packed_buffer_size_bytes = init_info.packed_buffer_size_bytes
         rank = group_rank(self.parallel_config, init_info.rank_offset)
         self.group: TransferGroup | None = open_transfer_group(
@@ -143,7 +163,7 @@ class GlooWeightTransferEngine(NCCLWeightTransferEngine):
         self.group.announce_entered(update_info.round_index)
         buffer_bytes = self.packed_buffer_size_bytes
         with disable_mtp_completeness_check():
-            receive_round(
+            self.receive_round(
                 self.model,
                 update_info,
                 lambda load: receive_packed(metadata, self.group, buffer_bytes, self.device, load),
@@ -171,7 +191,8 @@ def restored_on_failure(engine):
     except BaseException:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(engine.model, engine.model_config)
+        if not engine.serves_adapters:
+            finalize_layerwise_reload(engine.model, engine.model_config)
         raise
 
 

@@ -10,7 +10,8 @@ Two kinds of transport (the learner side is ebft/learner/weight_sender.py; `Conf
   start, update, finish with the version, resume).
 
 Either way the engine's prefix cache is cleared: cached KV computed with the old weights must not be reused.
-With model.lora a push carries only the adapters, which each worker merges into the base (adapter_merge.py).
+With model.lora a push carries only the adapters, which each worker merges into the base (adapter_merge.py) or, with
+rollout.lora_sync: adapter, registers with vLLM's LoRA layers (adapter_serving.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import logging
 
 from ebft.actors.adapter_merge import AdapterBase, merged_weights
+from ebft.actors.adapter_serving import ServedAdapter, serve_adapters
 from ebft.actors.transfer_engines import refresh_tied_lm_head, register_transfer_engines
 from ebft.messages import WeightUpdate
 
@@ -34,15 +36,20 @@ class WeightReceiverExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine's worker.
 
     `collective_rpc` hands its arguments over as they are to an engine in this process, and msgpack-encodes
-    them (numpy arrays as buffers) for one in another process, so the update travels as its numpy parts.
+    them for one in another process, so the update travels as its tensors' bytes and dataclasses as their fields.
     """
 
-    def ebft_load_weights(self, version: int, raw: dict, layouts: dict, adapter_base: AdapterBase | None) -> int:
+    def ebft_load_weights(
+        self, version: int, raw: dict, layouts: dict, adapter_base: dict | None, served: dict | None
+    ) -> int:
         """Load HF-named weights into the running model in place (with `adapter_base`: the pushed LoRA adapters
-        merged into the base); returns how many tensors were loaded."""
+        merged into the base; with `served`: the adapters registered as they are); returns how many tensors."""
         weights = WeightUpdate(version, raw, layouts).tensors()
+        if served is not None:
+            serve_adapters(self.model_runner, weights, version, ServedAdapter(**served))
+            return len(weights)
         if adapter_base is not None:
-            weights = dict(merged_weights(weights, adapter_base))
+            weights = dict(merged_weights(weights, AdapterBase(**adapter_base)))
         # A second model.load_weights() breaks on CPU (linear weights are repacked after loading);
         # the worker's reload path re-runs that post-load processing.
         tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
@@ -50,6 +57,15 @@ class WeightReceiverExtension:
             self.reload_weights(weights_iterator=iter(weights.items()))
         refresh_tied_lm_head(self.model_runner.get_model(), self.model_runner.model_config)
         return len(weights)
+
+    def ebft_serve_received_adapters(self, version: int, served: dict) -> None:
+        """Broadcast transports: register the adapters the last round brought (after finish_weight_update, which
+        drops every adapter the engine had)."""
+        engine = self.weight_transfer_engine
+        adapters, engine.received_adapters = engine.received_adapters, None
+        if adapters is None:
+            raise RuntimeError(f"the transfer round of version {version} brought no adapters to serve")
+        serve_adapters(self.model_runner, adapters, version, ServedAdapter(**served))
 
 
 class _ExpectedReloadWarnings(logging.Filter):
@@ -77,24 +93,44 @@ def _quiet_expected_reload_warnings(tied: bool):
         reload_log.removeFilter(expected)
 
 
-def load_update_into_engine(llm, update: WeightUpdate, adapter_base: AdapterBase | None = None) -> None:
+def load_update_into_engine(
+    llm, update: WeightUpdate, adapter_base: AdapterBase | None = None, served: ServedAdapter | None = None
+) -> None:
     """Object store: paused, loaded, cache cleared, resumed."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    raw = update.raw
+    if not isinstance(llm.llm_engine.engine_core, InprocClient):
+        # To an engine in its own process (GPU engines), msgpack rebuilds numpy arrays only where the receiving
+        # method's types say so, which collective_rpc's do not: send their bytes.
+        raw = {name: memoryview(array) for name, array in raw.items()}
     with paused_engine(llm):
-        llm.collective_rpc("ebft_load_weights", args=(update.version, update.raw, update.layouts, adapter_base))
+        args = (update.version, raw, update.layouts, _fields(adapter_base), _fields(served))
+        llm.collective_rpc("ebft_load_weights", args=args)
         llm.llm_engine.set_weight_version(str(update.version))
         clear_prefix_cache(llm)
 
 
 def receive_weight_broadcast(
-    llm, update_info: dict[str, list], version: int, adapter_base: AdapterBase | None = None
+    llm,
+    update_info: dict[str, list],
+    version: int,
+    adapter_base: AdapterBase | None = None,
+    served: ServedAdapter | None = None,
 ) -> None:
     """Broadcast transports: blocks until the learner's broadcast completes (or its bound passes)."""
     with paused_engine(llm):
         llm.start_weight_update()
-        adapter = {} if adapter_base is None else {"adapter_base": dataclasses.asdict(adapter_base)}
+        adapter = {} if adapter_base is None else {"adapter_base": _fields(adapter_base)}
         llm.update_weights({"update_info": {**update_info, **adapter}})
         llm.finish_weight_update(weight_version=str(version))
+        if served is not None:
+            llm.collective_rpc("ebft_serve_received_adapters", args=(version, _fields(served)))
         clear_prefix_cache(llm)
+
+
+def _fields(settings) -> dict | None:
+    return None if settings is None else dataclasses.asdict(settings)
 
 
 def clear_prefix_cache(llm) -> None:

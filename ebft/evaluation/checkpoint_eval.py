@@ -328,7 +328,9 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         _longest_prompt_tokens(plan, config, problems) + config.eval.max_new_tokens,
     )
     with stages.stage("starting vLLM on the evaluated model"):
-        worker = RolloutWorker(config, plan.model_path, max_model_len=needed_length)
+        # A LoRA run's checkpoint folder holds merged weights: the engine serves them as a plain model.
+        plain = config.model_copy(update={"model": config.model.model_copy(update={"lora": None})})
+        worker = RolloutWorker(plain, plan.model_path, max_model_len=needed_length)
     metrics: dict[str, float] = {}
     try:
         chunks, n = evaluator.chunks, config.eval.num_samples
