@@ -12,7 +12,8 @@ features stand in for the feature network, which the learner's cost does not dep
 of the training chunks after the pushes, as a step runs it. Peak memory is the learner process's high-water mark
 (VmHWM) after its steps.
 
-    python benchmarks/lora.py [--rank 16] [--steps 3] [--pushes 3] [--transport object_store|gloo]
+    python benchmarks/lora.py [--rank 16] [--targets q_proj,k_proj,...] [--steps 3] [--pushes 3]
+                              [--transport object_store|gloo]
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def paper_memory_gib(name: str, rank: int, gpus: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default=",".join(TARGETS), help="model.lora.target_modules (default: all seven)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps of each learner")
     parser.add_argument("--pushes", type=int, default=3, help="timed pushes of each learner (one after each step)")
     parser.add_argument("--transport", choices=["object_store", "gloo"], default="object_store")
@@ -166,7 +168,9 @@ def main() -> None:
         "resources": {pool: {"num_actors": 1, "cpus_per_actor": 1} for pool in ("rollout", "features", "learner")},
     }
     full = build_config(raw)
-    with_lora = {**raw, "model": {**raw["model"], "lora": {"rank": args.rank, "alpha": 2.0 * args.rank}}}
+    targets = args.targets.split(",")
+    lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "target_modules": targets}
+    with_lora = {**raw, "model": {**raw["model"], "lora": lora}}
     arms = {
         "full": full,
         "merged": build_config(with_lora),
@@ -194,7 +198,7 @@ def main() -> None:
         ray.shutdown()
 
     ff, lo, ad = measured["full"], measured["merged"], measured["adapter"]
-    print(f"SmolLM2-135M {full.model.dtype}, LoRA rank {args.rank} on {', '.join(TARGETS)}, {args.transport}")
+    print(f"SmolLM2-135M {full.model.dtype}, LoRA rank {args.rank} on {', '.join(targets)}, {args.transport}")
     print(f"{'':24}{'full':>11}{'LoRA merged':>13}{'LoRA served':>13}{'full/merged':>13}{'full/served':>13}")
 
     def row(label, key, scale=1.0, fmt="12.3f"):
@@ -215,10 +219,10 @@ def main() -> None:
         f"a step's rollout work (generate the step's chunks + one push): merged {rollout_s['merged']:.2f} s, "
         f"served {rollout_s['adapter']:.2f} s"
     )
-    bytes_per_param = lo["push_bytes"] / adapter_params(model_path, args.rank, TARGETS)
-    for label, targets in (("q, k, v, o", TARGETS[:4]), ("q, v", ["q_proj", "v_proj"])):
-        ratio = ff["push_bytes"] / (adapter_params(model_path, args.rank, targets) * bytes_per_param)
-        print(f"on paper, rank {args.rank} on {label} only: {ratio:.0f}x fewer bytes per push than full weights")
+    bytes_per_param = lo["push_bytes"] / adapter_params(model_path, args.rank, targets)
+    for label, others in (("all seven projections", TARGETS), ("q, k, v, o", TARGETS[:4]), ("q, v", TARGETS[:3:2])):
+        ratio = ff["push_bytes"] / (adapter_params(model_path, args.rank, others) * bytes_per_param)
+        print(f"on paper, rank {args.rank} on {label}: {ratio:.0f}x fewer bytes per push than full weights")
     paper = {}
     for model in PAPER_MODELS:
         for gpus in (4, 8):
@@ -242,6 +246,7 @@ def main() -> None:
             "rollout_s_per_step": {k: round(v, 3) for k, v in rollout_s.items()},
             **{name: {k: round(v, 3) for k, v in m.items()} for name, m in measured.items()},
             "rank": args.rank,
+            "targets": targets,
             "transport": args.transport,
             "dtype": full.model.dtype,
             "paper_model_state_gib": paper,

@@ -79,6 +79,31 @@ def test_a_gloo_push_into_multiprocess_engines_makes_greedy_follow_the_learner(l
             ray.kill(actor)
 
 
+def test_an_object_store_push_into_a_multiprocess_engine_makes_greedy_follow_the_learner(
+    local_ray, tied_models, monkeypatch
+):
+    """Pools that share a GPU push through the object store into engines in their own process (vLLM's default on
+    GPUs), where collective_rpc's arguments cross as msgpack: the weights must arrive whole."""
+    from ebft.actors import pool
+    from ebft.learner.group import LearnerGroup
+
+    monkeypatch.setitem(pool.CPU_ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine_model, learner_model = tied_models
+    config = gloo_config(engine_model, weight_transport="object_store")
+    actor = pool.create_rollout_actor(config, str(engine_model), max_model_len=64)
+    learner = LearnerGroup(config, learner_model)
+    try:
+        assert engine_processes(actor)  # an EngineCore process of its own
+        learner.connect_weight_receivers([actor])
+        assert learner.push_weights().confirm() == 0
+        expected = reference_greedy(learner_model)
+        assert expected != reference_greedy(engine_model)
+        assert greedy(actor) == expected
+    finally:
+        learner.shutdown()
+        ray.kill(actor)
+
+
 def open_connections(actor) -> int:
     """TCP connections held by the processes of a rollout actor's engine (a leaked transfer group keeps its own)."""
     return sum(len(process.net_connections(kind="tcp")) for process in engine_processes(actor))
