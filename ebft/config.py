@@ -185,6 +185,11 @@ class RolloutConfig(Section):
     actor that does not answer within it is replaced, and one whose learner died mid-push gives up and takes the
     restarted learner's connection. An actor takes a push after the generation it is busy with, so keep it well
     above one generate call of a shard (seconds on GPUs, ~5-60 s in the CPU demos)."""
+    generate_timeout_s: float = Field(1800.0, gt=0.0)
+    """Bound of the controller's wait for one shard's rollouts: a rollout actor that has not returned them within it
+    (a wedged engine, a hung collective) is replaced and the shard generated again. Keep it well above one shard's
+    generation plus the weight pushes queued before it (seconds on GPUs, ~5-60 s in the CPU demos) and, for a run's
+    first shards, the engines' start."""
     batch_invariant: bool = False
     """GPU rollout pools: vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1), so that a seeded sample does not
     depend on what else the engine batched with it and a resumed run or an evaluation samples the same tokens on

@@ -134,12 +134,11 @@ def pushed_weights(group) -> dict[str, torch.Tensor]:
         ray.kill(recorder)
 
 
-def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list) -> None:
+def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list, signal_number: int = 9) -> None:
     """SIGKILL this test's `ray::<class_name>` processes (as an OOM killer or a lost node would) once `metrics` holds
     `after_rows` training rows (`metrics` None: at once); other runs on the machine are left alone. A name with its
-    own prefix (`VLLM::EngineCore`) is matched as it is."""
+    own prefix (`VLLM::EngineCore`) is matched as it is. `signal_number` SIGSTOP: alive but never answering."""
     import os
-    import signal
     import time
 
     import psutil
@@ -152,5 +151,5 @@ def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list
         time.sleep(0.2)
     for process in psutil.Process().children(recursive=True):
         if " ".join(process.cmdline()).startswith(prefix):
-            os.kill(process.pid, signal.SIGKILL)
+            os.kill(process.pid, signal_number)
             killed.append(process.pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -188,6 +189,36 @@ def test_killed_rollout_or_feature_actor_is_replaced_and_nothing_is_lost(
     assert summary.trained_chunks == summary.scheduled_chunks == 10
     assert sorted(summary.trained_chunk_ids) == list(range(10))
     assert not unhandled, unhandled
+
+
+def test_a_rollout_actor_that_stops_answering_mid_generation_is_replaced_within_its_bound(
+    local_ray, tiny_model_with_tokenizer, tmp_path
+):
+    """A rollout actor frozen (SIGSTOP) when a step's generation is submitted to it, as a wedged engine would be:
+    the controller gives up on its shard after rollout.generate_timeout_s, replaces the actor and collects the
+    shard's rollouts from the replacement."""
+    from ebft.cluster.controller import Controller
+    from ebft.cluster.train import Pools, RunInputs
+
+    config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", rollout={"generate_timeout_s": 10})
+    inputs = RunInputs.prepare(config, resume=False)
+    with Pools(config, inputs) as pools:
+        controller = Controller(config, pools.rollout, pools.features, pools.learner, inputs.stream)
+        frozen = pools.rollout[0]
+        pid = ray.get(frozen.__ray_call__.remote(lambda worker: os.getpid()))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            work = controller.schedule(0)
+            started = time.monotonic()
+            rollouts, features = controller.collect(work)
+            waited = time.monotonic() - started
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # killed as it was replaced
+                os.kill(pid, signal.SIGCONT)
+        assert controller.restarts == 1 and pools.rollout[0] is not frozen
+        assert 10 <= waited < 10 + 120  # the bound, then a replacement's start and generation
+        assert [r.chunks.chunk_ids for r in rollouts] == [s.chunks.chunk_ids for s in work.shards]
+        assert [f.chunk_ids for f in features] == [s.chunks.chunk_ids for s in work.shards]
 
 
 def test_a_killed_learner_restarts_from_the_last_checkpoint(

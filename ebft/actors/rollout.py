@@ -142,8 +142,9 @@ class RolloutWorker:
             skip_tokenizer_init=not has_tokenizer(self.model_path),
             trust_remote_code=self.config.model.trust_remote_code,
         )
-        if self.served_adapter is not None:
-            options.update(self.served_adapter.engine_options())
+        served = ServedAdapter.from_config(self.config)
+        if served is not None:
+            options.update(served.engine_options())
         transport = self.config.weight_transport
         if transport in BROADCAST_TRANSPORTS:
             from vllm.config import WeightTransferConfig

@@ -38,7 +38,7 @@ from typing import Any
 
 import ray
 
-from ebft.actor_failures import failed_actor_id, is_actor_failure
+from ebft.actor_failures import UnresponsiveActorError, failed_actor_id, is_actor_failure
 from ebft.cluster.cost import step_cost
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config
@@ -281,7 +281,7 @@ class Controller:
         for shard in work.shards:
             while True:
                 try:
-                    rollout = ray.get(shard.rollout)
+                    rollout = self.rollout_of(shard)
                 except Exception as error:
                     if not is_actor_failure(error):
                         raise
@@ -305,6 +305,16 @@ class Controller:
                 features.append(feature)
                 break
         return rollouts, features
+
+    def rollout_of(self, shard: Shard) -> RolloutBatch:
+        """A shard's rollouts; an actor that has not returned them within rollout.generate_timeout_s is unresponsive."""
+        bound = self.config.rollout.generate_timeout_s
+        try:
+            return ray.get(shard.rollout, timeout=bound)
+        except ray.exceptions.GetTimeoutError:
+            actor_id = shard.rollout_handle._actor_id.hex()
+            message = f"rollout actor {actor_id} returned no rollouts within rollout.generate_timeout_s={bound:g}"
+            raise UnresponsiveActorError(actor_id, message) from None
 
     def sync_weights(self) -> None:
         """Bring the rollout actors to the learner's weight version, if they are behind."""
