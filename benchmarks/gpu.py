@@ -3,7 +3,7 @@ seconds, and one that fails prints why and the others still run). On the lent ma
 with benchmarks/.wheels built by benchmarks/gpu_wheels.sh and carried (DeepSpeed and the packages it needs; that
 machine has torch and transformers but no network, vLLM, Ray or DeepSpeed):
 
-    PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install --no-index --find-links benchmarks/.wheels deepspeed==0.19.8 accelerate hjson py-cpuinfo msgpack ninja psutil einops 'pydantic>=2.7' pyyaml 2>&1 | tail -3; python benchmarks/gpu.py
+    PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install --no-index --find-links benchmarks/.wheels deepspeed==0.19.8 peft accelerate hjson py-cpuinfo msgpack ninja psutil einops 'pydantic>=2.7' pyyaml 2>&1 | tail -3; python benchmarks/gpu.py
 
 Geometry: T = 1024, C = s = G = 8 (NB = 127), n = 4: one packed row of S = 5,088 tokens. The model is a random
 Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads of 64, 3 KV heads) or of Qwen2.5-1.5B's
@@ -18,15 +18,17 @@ Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads of 64, 3 KV heads)
     bf16, SmolLM2-135M's shape: one step against tests/learner_reference.py's float64 step (gradient and update
     within bf16 tolerances), checkpoint save + load giving the same next step exactly with the device RNG
     restored, and ZeRO-3's export to cuda:0 under a whole-model copy's memory (gpu_learner.py; a child process).
-(5) cpu_pool: a child process that sees the GPU runs a CPU feature worker and a CPU learner rank: CUDA stays
+(5) lora: a LoRA LearnerRank (rank 8, every projection, ZeRO-2, bf16) on the device: one step against PEFT + AdamW
+    in float64 (the adapters' gradients and update), and the push's adapters merged on the device vs on the CPU.
+(6) cpu_pool: a child process that sees the GPU runs a CPU feature worker and a CPU learner rank: CUDA stays
     uninitialised.
-(6) packed: the broadcast sender's packed path from CUDA tensors to CUDA (else to CPU) over a gloo TransferGroup
+(7) packed: the broadcast sender's packed path from CUDA tensors to CUDA (else to CPU) over a gloo TransferGroup
     between two processes, every tensor equal, GB/s; and send_packed on CUDA against a CPU unpack.
-(7) mfu: the learner's forward + backward tokens/s and MFU at the paper geometry, Qwen2.5-1.5B's shape, `blocks`,
+(8) mfu: the learner's forward + backward tokens/s and MFU at the paper geometry, Qwen2.5-1.5B's shape, `blocks`,
     bf16, without and with gradient checkpointing; MFU = 6 * parameters * tokens/s / the dense bf16 peak.
 
     python benchmarks/gpu.py [--shape smollm2-135m|qwen2.5-1.5b] [--repeats 5] [--docs 4] [--only learner] ...
-    python benchmarks/gpu.py --device cpu --quick --only deepspeed --only cpu_pool --only packed   # on a CPU
+    python benchmarks/gpu.py --device cpu --quick --only deepspeed --only lora --only cpu_pool --only packed  # CPU
 """  # noqa: E501
 
 from __future__ import annotations
@@ -272,6 +274,10 @@ def check_deepspeed(args, device) -> dict:
     return run_child("deepspeed", args, device, timeout_s=300)
 
 
+def check_lora(args, device) -> dict:
+    return run_child("lora", args, device, timeout_s=180)
+
+
 def check_cpu_pool(args, device) -> dict:
     return run_child("cpu_pool", args, device, timeout_s=180)
 
@@ -286,6 +292,7 @@ CHECKS = {
     "features": check_features,
     "rewards": check_rewards,
     "deepspeed": check_deepspeed,
+    "lora": check_lora,
     "cpu_pool": check_cpu_pool,
     "packed": check_packed,
     "mfu": check_mfu,
@@ -294,6 +301,7 @@ CHILDREN = {
     "deepspeed": lambda args, device: gpu_learner.run_deepspeed(
         device, SHAPES["tiny" if args.quick else "smollm2-135m"]
     ),
+    "lora": lambda args, device: gpu_learner.run_lora(device, SHAPES["tiny" if args.quick else "smollm2-135m"]),
     "cpu_pool": lambda args, device: gpu_learner.run_cpu_pool(SHAPES["tiny"]),
 }
 

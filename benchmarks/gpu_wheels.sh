@@ -2,7 +2,7 @@
 # Builds benchmarks/.wheels/ (gitignored): what benchmarks/gpu.py needs on a lent GPU machine beyond the torch and
 # transformers it has. That machine has no network and no DeepSpeed, vLLM or Ray, and its Python version is not
 # known in advance, so: DeepSpeed 0.19.8 built here without its JIT ops (pure Python), the pure-Python dependencies
-# of DeepSpeed, ebft.config and ZeRO-3's loading once, and the binary ones for CPython 3.10-3.14 on x86_64 Linux (manylinux).
+# of DeepSpeed, ebft.config, ZeRO-3's loading and PEFT once, and the binary ones for CPython 3.10-3.14 on x86_64 Linux (manylinux).
 # Carry the folder to the device run (it stays well under the 64 MiB a run carries); the install line is in
 # gpu.py's docstring. Usage, from anywhere: benchmarks/gpu_wheels.sh  (PYTHON=... to use another interpreter's pip)
 set -euo pipefail
@@ -20,7 +20,7 @@ DS_BUILD_OPS=0 pip wheel --quiet --no-deps --no-build-isolation --no-cache-dir -
 # Pure Python: one wheel serves every version. Pinned to what this repository's environment runs. accelerate:
 # transformers' HfDeepSpeedConfig (the learner's ZeRO-3 loading) requires it.
 pip download --quiet --no-deps --only-binary=:all: --dest "$OUT" \
-    hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2 accelerate==1.16.0 \
+    hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2 accelerate==1.16.0 peft==0.21.2 \
     pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
 
 # Binary: one wheel per CPython version (psutil's abi3 wheel and ninja's py3 wheel serve them all).
