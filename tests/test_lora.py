@@ -205,10 +205,11 @@ def test_merged_export_and_the_engines_merge_of_a_push_are_peft_merge_and_unload
     pushed_adapters = dict(push.tensors)
     assert push.metadata == [(name, list(t.shape), t.dtype) for name, t in pushed_adapters.items()]
     assert len(pushed_adapters) == len(trained) and all(".lora_" in name for name in pushed_adapters)
-    engine_merged = dict(
-        merged_weights(pushed_adapters, AdapterBase(str(model_dir), LORA["alpha"] / LORA["rank"], "float32"))
-    )
+    base_of_push = AdapterBase(str(model_dir), LORA["alpha"] / LORA["rank"], "float32")
+    engine_merged = dict(merged_weights(pushed_adapters, base_of_push))
     assert engine_merged.keys() == expected.keys()
+    with pytest.raises(ValueError, match="missing"):  # at the call, before the engine's reload has begun
+        merged_weights({n: t for n, t in pushed_adapters.items() if ".lora_B." not in n}, base_of_push)
     for name, tensor in engine_merged.items():
         assert torch.equal(tensor, expected[name]), name
     # Exporting left the trained adapters as they were.

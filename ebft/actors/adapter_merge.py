@@ -42,7 +42,9 @@ class AdapterBase:
 
 @functools.lru_cache(maxsize=1)
 def base_weights(path: str) -> dict[str, torch.Tensor]:
-    """The base policy's HF-named weights (every safetensors file of its folder), read once per worker process."""
+    """The base policy's HF-named weights (every safetensors file of its folder), opened once per worker process.
+    safetensors maps the files: the tensors are views of the page cache, which a node's workers (an engine's
+    tensor-parallel ranks, other engines) share, not copies of their own."""
     from safetensors.torch import load_file
 
     files = sorted(Path(path).glob("*.safetensors"))
@@ -55,7 +57,8 @@ def base_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def merged_weights(adapters: Mapping[str, torch.Tensor], base: AdapterBase) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base policy's weights with every pushed adapter merged into its linear, in the base's order."""
+    """The base policy's weights with every pushed adapter merged into its linear, in the base's order, one at a
+    time; names that do not fit the base are an error before the first."""
     weights, dtype = base_weights(base.path), getattr(torch, base.dtype)
     linears = {name.removesuffix(LORA_A) for name in adapters if name.endswith(LORA_A)}
     expected = {linear + suffix for linear in linears for suffix in (LORA_A, LORA_B)}
@@ -66,9 +69,13 @@ def merged_weights(adapters: Mapping[str, torch.Tensor], base: AdapterBase) -> I
             f"a LoRA push holds lora_A and lora_B of linears of the base policy in {base.path}; got names "
             f"{unexpected[:3]} that are neither, {incomplete[:3]} missing, and no base weight {missing[:3]}"
         )
+    return _each_merged(weights, adapters, linears, base.scale, dtype)
+
+
+def _each_merged(weights, adapters, linears: set[str], scale: float, dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for name, weight in weights.items():
         weight = weight.to(dtype)
         linear = name.removesuffix(".weight")
         if linear in linears:  # merged where the adapters arrived: on the GPU under NCCL
-            weight = merged(weight, adapters[linear + LORA_A], adapters[linear + LORA_B], base.scale)
+            weight = merged(weight, adapters[linear + LORA_A], adapters[linear + LORA_B], scale)
         yield name, weight

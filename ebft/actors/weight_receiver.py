@@ -41,22 +41,22 @@ class WeightReceiverExtension:
 
     def ebft_load_weights(
         self, version: int, raw: dict, layouts: dict, adapter_base: dict | None, served: dict | None
-    ) -> int:
+    ) -> None:
         """Load HF-named weights into the running model in place (with `adapter_base`: the pushed LoRA adapters
-        merged into the base; with `served`: the adapters registered as they are); returns how many tensors."""
+        merged into the base, one linear at a time; with `served`: the adapters registered as they are)."""
         weights = WeightUpdate(version, raw, layouts).tensors()
         if served is not None:
             serve_adapters(self.model_runner, weights, version, ServedAdapter(**served))
-            return len(weights)
-        if adapter_base is not None:
-            weights = dict(merged_weights(weights, AdapterBase(**adapter_base)))
+            return
+        # The base is memory-mapped (adapter_merge.base_weights): a node's workers share its pages, and each holds
+        # only the merged linear being loaded.
+        stream = iter(weights.items()) if adapter_base is None else merged_weights(weights, AdapterBase(**adapter_base))
         # A second model.load_weights() breaks on CPU (linear weights are repacked after loading);
         # the worker's reload path re-runs that post-load processing.
         tied = bool(getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False))
         with _quiet_expected_reload_warnings(tied):
-            self.reload_weights(weights_iterator=iter(weights.items()))
+            self.reload_weights(weights_iterator=stream)
         refresh_tied_lm_head(self.model_runner.get_model(), self.model_runner.model_config)
-        return len(weights)
 
     def ebft_serve_received_adapters(self, version: int, served: dict) -> None:
         """Broadcast transports: register the adapters the last round brought (after finish_weight_update, which
