@@ -43,7 +43,7 @@ def test_pipeline_end_to_end(local_ray, tiny_model_with_tokenizer, tmp_path):
     assert sorted(summary.trained_chunk_ids) == list(range(6))
     rows = train_rows(summary.run_dir)
     assert sorted(rows) == [0, 1, 2]
-    for row in rows.values():
+    for step, row in rows.items():
         for key in (
             "train/policy_loss",
             "train/ce_loss",
@@ -52,7 +52,8 @@ def test_pipeline_end_to_end(local_ray, tiny_model_with_tokenizer, tmp_path):
             "perf/generated_tokens_per_s",
         ):
             assert torch.isfinite(torch.tensor(row[key])), key
-        assert row["train/staleness_max"] <= 1
+        # max_staleness 1: step t + 1's generation is sent once step t's push is applied, never racing it.
+        assert row["train/staleness_max"] == min(step, 1)
     evals = [
         json.loads(line)
         for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -20,7 +20,8 @@ With training.method = sft the same loop trains cross-entropy on the same chunks
 sampled or embedded, and weights reach the rollout actors only when an evaluation needs them.
 
 With training.max_staleness = k, the rollouts of steps t+1..t+k are generated while step t trains
-(at most k + 1 steps in flight); k = 0 is synchronous on-policy EBFT. Each step's chunks are cut
+(at most k + 1 steps in flight), each step's from the weights last pushed when it is scheduled, so a run
+repeats exactly; k = 0 is synchronous on-policy EBFT. Each step's chunks are cut
 into shards; a shard is generated whole by one rollout actor with one weight version and embedded
 by one feature worker, so shards pipeline through the pools without the controller in between.
 """
@@ -136,6 +137,9 @@ class Controller:
             try:
                 if self.ebft:
                     self.sync_weights()  # resumed: the engines start from the base weights
+                    # The push and the next generation reach an actor from two processes: the generation is sent
+                    # once the push is applied, so which weights sample a step never depends on which came first.
+                    self.confirm_push()
                 while len(in_flight) <= self.config.training.max_staleness and next_step < last:
                     in_flight.append(self.schedule(next_step))  # generation starts now, features follow
                     next_step += 1
