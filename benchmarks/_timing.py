@@ -1,7 +1,26 @@
-"""Small helpers shared by the benchmarks: best-of-k wall time, the final JSON line, real-text chunks."""
+"""Small helpers shared by the benchmarks: a quiet offline environment, best-of-k wall time, the final JSON line,
+real-text chunks."""
 
 import json
+import os
 import time
+
+QUIET_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process CPU engines, as the rollout actors run them
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def quiet_environment() -> None:
+    """Offline, no usage reports, CPU engines as ebft runs them; call before importing ray or vllm (the caller's
+    own settings win)."""
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
 
 
 def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:

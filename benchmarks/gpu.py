@@ -50,6 +50,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the repository's ebft: it is not installed on the lent machine
 import gpu_learner
+import gpu_lora
 from _timing import emit
 
 from ebft.layout import BlockPlan
@@ -301,7 +302,7 @@ CHILDREN = {
     "deepspeed": lambda args, device: gpu_learner.run_deepspeed(
         device, SHAPES["tiny" if args.quick else "smollm2-135m"]
     ),
-    "lora": lambda args, device: gpu_learner.run_lora(device, SHAPES["tiny" if args.quick else "smollm2-135m"]),
+    "lora": lambda args, device: gpu_lora.run_lora(device, SHAPES["tiny" if args.quick else "smollm2-135m"]),
     "cpu_pool": lambda args, device: gpu_learner.run_cpu_pool(SHAPES["tiny"]),
 }
 

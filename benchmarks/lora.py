@@ -19,28 +19,18 @@ of the training chunks after the pushes, as a step runs it. Peak memory is the l
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(key, value)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import emit, quiet_environment, stdlib_chunks  # noqa: E402
+
+quiet_environment()
 
 import ray
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import emit, stdlib_chunks  # noqa: E402
 
 from ebft.config import build_config  # noqa: E402
 from ebft.messages import ChunkBatch, FeatureBatch  # noqa: E402

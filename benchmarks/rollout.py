@@ -36,22 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(key, value)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import best_time, emit, quiet_environment, stdlib_chunks  # noqa: E402
+
+quiet_environment()
 # vLLM drops torch to one thread unless OMP_NUM_THREADS is set; give both contenders all cores.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import best_time, emit, stdlib_chunks  # noqa: E402
 
 from ebft.config import build_config  # noqa: E402
 from ebft.layout import BlockPlan  # noqa: E402

@@ -13,6 +13,7 @@ hash of (run seed, step, chunk id, block), so a resumed run samples the same tok
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -108,7 +109,6 @@ class RolloutWorker:
         self._transfer_open = False  # a broadcast transport's group is open in the engine
         # With model.lora a push holds adapters, which the engine merges (adapter_base) or serves (served_adapter).
         self.adapter_base = AdapterBase.from_config(config)
-        self.served_adapter = ServedAdapter.from_config(config)
         self._lora_request = None  # the served adapter's request; none before the first push
         max_model_len = max_model_len or config.data.chunk_length + self.plan.block_length
         self.llm = self._build_engine(
@@ -119,6 +119,10 @@ class RolloutWorker:
         )
         self.llm.llm_engine.set_weight_version(str(self._version))
         bind_engine_to_actor(self.llm)
+
+    @functools.cached_property
+    def served_adapter(self) -> ServedAdapter | None:
+        return ServedAdapter.from_config(self.config)
 
     @property
     def on_gpu(self) -> bool:
@@ -142,9 +146,8 @@ class RolloutWorker:
             skip_tokenizer_init=not has_tokenizer(self.model_path),
             trust_remote_code=self.config.model.trust_remote_code,
         )
-        served = ServedAdapter.from_config(self.config)
-        if served is not None:
-            options.update(served.engine_options())
+        if self.served_adapter is not None:
+            options.update(self.served_adapter.engine_options())
         transport = self.config.weight_transport
         if transport in BROADCAST_TRANSPORTS:
             from vllm.config import WeightTransferConfig
