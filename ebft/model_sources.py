@@ -235,7 +235,7 @@ def resolve_run_models(config) -> tuple[str, str]:
     for path in {policy, feature}:
         check_reachable(path)
     if config.model.lora is not None:
-        from ebft.learner.lora import check_policy_targets
+        from ebft.lora_targets import check_policy_targets
 
         check_policy_targets(policy, config.model.lora, trust_remote_code=config.model.trust_remote_code)
     return policy, feature

@@ -30,9 +30,10 @@ from ebft.config import ConfigError, LoraConfig, build_config
 from ebft.evaluation.checkpoint_eval import resolve_evaluated_model
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.engine import LearnerRank
-from ebft.learner.lora import adapter_state_dict, check_policy_targets
+from ebft.learner.lora import adapter_state_dict
 from ebft.learner.state_dict import iter_state_dict, state_dict_metadata
 from ebft.learner.weight_sender import state_dict_to_update
+from ebft.lora_targets import check_policy_targets
 from ebft.messages import ChunkBatch, WeightUpdate
 from ebft.model_sources import resolve_run_models
 
