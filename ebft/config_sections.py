@@ -116,6 +116,12 @@ class LossConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-6, gt=0.0)
     warmup_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    """The LR rises linearly over the first ceil(warmup_fraction * training.steps) steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After the warmup: `constant` (the paper's EBFT and RLVR recipe) or `cosine`, a half cosine from optim.lr down
+    to min_lr_fraction * optim.lr at the last of training.steps (the authors' SFT recipe; docs/method.md section 5)."""
+    min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Where the cosine ends, as a fraction of optim.lr (the authors' SFT: 0.1)."""
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)

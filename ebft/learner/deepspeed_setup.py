@@ -73,9 +73,19 @@ def warmup_steps(config: Config) -> int:
     return math.ceil(config.optim.warmup_fraction * config.training.steps)
 
 
-def lr_factor(step_index: int, warmup: int) -> float:
-    """LR multiplier of optimizer step step_index (0-based): linear over the first `warmup` steps, then 1."""
-    return 1.0 if warmup <= 0 else min(1.0, (step_index + 1) / warmup)
+def lr_factor(step_index: int, config: Config) -> float:
+    """LR multiplier of optimizer step step_index (0-based): (i + 1) / warmup over the warmup steps, then 1
+    (optim.schedule constant) or a half cosine that reaches optim.min_lr_fraction at the last training step."""
+    warmup, steps, optim = warmup_steps(config), config.training.steps, config.optim
+    # Step i trains at the schedule's value after i + 1 scheduler steps: the warmup's last step is at the peak.
+    done = step_index + 1
+    if done < warmup:
+        return done / warmup
+    if optim.schedule == "constant" or steps <= warmup:
+        return 1.0
+    progress = min(1.0, (done - warmup) / (steps - warmup))
+    floor = optim.min_lr_fraction
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def deepspeed_config(config: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
@@ -129,7 +139,7 @@ def from_pretrained(config: Config, model_path: str, ds_config: dict[str, Any]):
 
 
 def policy_engine(config: Config, model_path: str, ds_config: dict[str, Any], on_gpu: bool):
-    """(engine, optimizer, scheduler): the trainable policy wrapped by DeepSpeed, AdamW with linear warmup. With
+    """(engine, optimizer, scheduler): the trainable policy wrapped by DeepSpeed, AdamW with lr_factor's schedule. With
     model.lora the policy is a PEFT model whose adapters alone train (lora.py)."""
     model = from_pretrained(config, model_path, ds_config)
     if config.learner.gradient_checkpointing:
@@ -149,13 +159,12 @@ def policy_engine(config: Config, model_path: str, ds_config: dict[str, Any], on
         # fused: one kernel over ZeRO's flat fp32 partition, where the default allocates several
         # partition-sized temporaries per step (each a fresh mmap on CPU: ~1 s of page faults at 135M).
         optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
-    warmup = warmup_steps(config)
     engine, optimizer, _, scheduler = import_deepspeed(on_gpu).initialize(
         model=model,
         model_parameters=trainable,
         optimizer=optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, warmup)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, config)),
     )
     return engine, optimizer, scheduler
 
