@@ -39,7 +39,7 @@ def test_step_cost_weights_each_pool_by_its_devices():
         }
     )
     timings = {"timing/generate": 10.0, "timing/features": 3.0, "timing/train": 2.0, "timing/weight_sync": 0.5}
-    cost = step_cost(config, timings)
+    cost = step_cost(config, timings, ranks_on_node=[4, 4, 4, 4])
     # Generation and features are summed over their shards already; all 4 learner GPUs train and push.
     assert cost == {
         "cost/rollout_s": 10.0,
@@ -47,7 +47,7 @@ def test_step_cost_weights_each_pool_by_its_devices():
         "cost/learner_s": 10.0,
         "cost/machine_s": 21.5,
     }
-    sft = step_cost(config, {"timing/train": 2.0, "timing/weight_sync": 0.0})
+    sft = step_cost(config, {"timing/train": 2.0, "timing/weight_sync": 0.0}, ranks_on_node=[4, 4, 4, 4])
     assert sft["cost/machine_s"] == 8.0
 
 
@@ -69,3 +69,32 @@ def test_cpu_pools_count_the_cores_their_threads_run_on(monkeypatch):
     r.learner.threads = None
     assert pool_devices(r.learner, trains_alone=True) == 8
     assert pool_devices(r.learner) == 1
+
+
+@pytest.mark.parametrize(
+    ("node_cores", "ranks_on_node"),
+    [(2, [2, 2]), (2, [1, 1]), (8, [3, 3, 3]), (8, [2, 2, 1])],
+)
+def test_cpu_learner_ranks_on_one_node_split_its_cores(monkeypatch, node_cores, ranks_on_node):
+    """Training alone (max_staleness 0), the k learner ranks of a node run node_cores // k threads each."""
+    monkeypatch.setattr("ebft.cluster.cost.node_cores", lambda: node_cores)
+    monkeypatch.setattr("ebft.cpu_threads.node_cores", lambda: node_cores)
+    ranks = len(ranks_on_node)
+
+    def learner_cost(max_staleness: int, timings: dict[str, float]) -> float:
+        learner = {"num_actors": ranks, "cpus_per_actor": 1}
+        config = build_config(
+            {
+                "resources": {"learner": learner},
+                "training": {"docs_per_step": 6 * ranks, "max_staleness": max_staleness},
+            }
+        )
+        return step_cost(config, timings, ranks_on_node=ranks_on_node)["cost/learner_s"]
+
+    train_s, push_s = 3.0, 0.5
+    cores = 0
+    for k in ranks_on_node:
+        cores += node_cores // k
+    assert learner_cost(0, {"timing/train": train_s, "timing/weight_sync": push_s}) == (train_s + push_s) * cores
+    # Overlapping the pools, each rank keeps floor(cpus_per_actor) = 1 thread wherever it runs.
+    assert learner_cost(1, {"timing/train": train_s}) == train_s * ranks

@@ -177,7 +177,7 @@ class Controller:
             metrics["timing/generate"] = sum(r.elapsed_s for r in rollouts)
             metrics["timing/features"] = sum(f.elapsed_s for f in features)
             metrics["train/staleness_max"] = max(self.version - 1 - r.weight_version for r in rollouts)
-        metrics.update(step_cost(self.config, metrics))
+        metrics.update(step_cost(self.config, metrics, ranks_on_node=self.learner.ranks_on_node))
         self.machine_s += metrics["cost/machine_s"]
         self.trained[work.step] = list(work.chunks.chunk_ids)
         self.step += 1

@@ -11,6 +11,8 @@ EBFT step costs at least S/T SFT steps (docs/method.md section 2), before genera
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ebft.config import Config, PoolResources
 from ebft.cpu_threads import actor_threads, node_cores
 from ebft.layout import BlockPlan
@@ -18,18 +20,21 @@ from ebft.layout import BlockPlan
 COST_METRICS = ("cost/rollout_s", "cost/features_s", "cost/learner_s", "cost/machine_s")
 
 
-def pool_devices(resources: PoolResources, *, trains_alone: bool = False) -> float:
-    """The GPUs one actor of a pool holds, or on CPUs the cores its threads run on."""
+def pool_devices(resources: PoolResources, *, trains_alone: bool = False, ranks_on_node: int = 1) -> float:
+    """The GPUs one actor of a pool holds, or on CPUs the cores its threads run on (`ranks_on_node`: learner ranks
+    splitting the node's cores, cpu_threads.actor_threads)."""
     if resources.on_gpu:
         return resources.gpus_per_actor
-    return min(actor_threads(resources, trains_alone=trains_alone), node_cores())
+    return min(actor_threads(resources, trains_alone=trains_alone, ranks_on_node=ranks_on_node), node_cores())
 
 
-def step_cost(config: Config, metrics: dict[str, float]) -> dict[str, float]:
-    """Device-seconds of one training step from its timing/* metrics (the controller's and the actors')."""
+def step_cost(config: Config, metrics: dict[str, float], *, ranks_on_node: Sequence[int]) -> dict[str, float]:
+    """Device-seconds of one training step from its timing/* metrics (the controller's and the actors');
+    `ranks_on_node[r]`: the learner ranks on rank r's node (LearnerGroup.ranks_on_node)."""
     pools = config.resources
-    learner_devices = pools.learner.num_actors * pool_devices(
-        pools.learner, trains_alone=config.training.max_staleness == 0
+    trains_alone = config.training.max_staleness == 0
+    learner_devices = sum(
+        pool_devices(pools.learner, trains_alone=trains_alone, ranks_on_node=k) for k in ranks_on_node
     )
     cost = {
         "cost/rollout_s": metrics.get("timing/generate", 0.0) * pool_devices(pools.rollout),

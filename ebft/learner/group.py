@@ -152,6 +152,7 @@ class LearnerGroup:
         try:
             master_addr, master_port = ray.get(self.actors[0].rendezvous_address.remote())
             nodes = ray.get([actor.node_id.remote() for actor in self.actors])
+            self.ranks_on_node = [nodes.count(node) for node in nodes]
             ray.get(
                 [
                     actor.setup.remote(
@@ -161,7 +162,7 @@ class LearnerGroup:
                         world_size=self.world_size,
                         master_addr=master_addr,
                         master_port=master_port,
-                        ranks_on_node=nodes.count(nodes[rank]),
+                        ranks_on_node=self.ranks_on_node[rank],
                     )
                     for rank, actor in enumerate(self.actors)
                 ]
