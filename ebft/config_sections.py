@@ -224,6 +224,10 @@ class TrainingConfig(Section):
     max_restarts: int = Field(3, ge=0)
     """Times a run restarts its learner from the last checkpoint (or the run's start) after a learner rank died;
     one more death stops the run with the checkpoint to --resume from."""
+    ema: float | None = Field(None, gt=0.0, lt=1.0)
+    """Keep an exponential moving average of the policy with this decay (None: off; the authors' configs: 0.9):
+    after every optimizer step, average = ema * average + (1 - ema) * weights. Checkpoints save it under `ema/`;
+    the rollouts and held-out evaluations use the live weights (docs/method.md section 5)."""
     seed: int = 0
     output_dir: str = "runs/ebft"
 

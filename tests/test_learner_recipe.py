@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from helpers import exported, weights_of
 from learner_reference import make_batch, make_config
+from transformers import AutoModelForCausalLM
 
 from ebft.learner import checkpoint as ckpt
 from ebft.learner.engine import LearnerRank
@@ -48,3 +51,38 @@ def test_cosine_schedule_reaches_its_formula_at_every_step_across_a_resume(tiny_
         reached.append(resumed.train_step([rollouts], [features], current_version=step)["train/lr"])
     resumed.close()
     assert reached == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_moving_average_follows_a_float64_loop_and_resumes_exactly(tiny_model_dir, tmp_path, stage):
+    decay, steps, saved_at = 0.7, 4, 2
+    config = make_config(training={"ema": decay}, learner={"zero_stage": stage})
+    batches = [make_batch(4, seed=50 + step, version=step, first_chunk=4 * step) for step in range(steps)]
+    learner = LearnerRank(config, tiny_model_dir)
+    reference = {name: tensor.double() for name, tensor in weights_of(exported(learner)).items()}
+    for step, (rollouts, features) in enumerate(batches):
+        learner.train_step([rollouts], [features], current_version=step)
+        for name, tensor in weights_of(exported(learner)).items():
+            reference[name] = decay * reference[name] + (1 - decay) * tensor.double()
+        if step + 1 == saved_at:
+            learner.save_checkpoint(ckpt.checkpoint_path(tmp_path, saved_at))
+    average = learner.ema_state_dict()
+    live = weights_of(exported(learner))
+    learner.close()
+    assert set(average) == set(reference)
+    for name, tensor in average.items():
+        torch.testing.assert_close(tensor.double(), reference[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+    # It is not the live policy: after 4 steps at decay 0.7 a quarter of the start is still in it.
+    assert max(float((average[n] - live[n]).abs().max()) for n in live) > 1e-4
+
+    # The checkpoint holds the average at its step as an HF model; resumed there, the same steps give the same average.
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / f"step_{saved_at:08d}" / ckpt.EMA_DIR, dtype=torch.float32)
+    resumed = LearnerRank(config, tiny_model_dir)
+    resumed.load_checkpoint(ckpt.checkpoint_path(tmp_path, saved_at))
+    assert all(torch.equal(saved.state_dict()[n], t) for n, t in resumed.ema_state_dict().items())
+    for step in range(saved_at, steps):
+        rollouts, features = batches[step]
+        resumed.train_step([rollouts], [features], current_version=step)
+    assert all(torch.equal(tensor, average[name]) for name, tensor in resumed.ema_state_dict().items())
+    resumed.close()

@@ -10,6 +10,8 @@ A checkpoint directory holds
     deepspeed/                optimizer (ZeRO partitions, fp32 master weights) and LR-scheduler state; with
                               model.lora only the adapters' (the frozen base comes from model.policy)
     rng_rank{r}.pt            each rank's RNG states
+    ema/                      with training.ema: the policy's moving average as an HF model folder like the top one
+    ema_rank{r}.pt            ... and each rank's float32 part of it (ZeRO-3: every rank's partition; else rank 0's)
     extra_state.pt            the caller's state (data position, ...)
     trainer_state.json        step and weight version; written last, it marks the checkpoint complete
 
@@ -34,6 +36,7 @@ TRAINER_STATE = "trainer_state.json"
 EXTRA_STATE = "extra_state.pt"
 DEEPSPEED_DIR = "deepspeed"
 ADAPTER_DIR = "adapter"
+EMA_DIR = "ema"
 DEEPSPEED_TAG = "state"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_PREFIX = "step_"
@@ -143,6 +146,19 @@ def read_extra_state(path: str | Path) -> dict[str, Any]:
 
 def rng_file(directory: Path, rank: int) -> Path:
     return Path(directory) / f"rng_rank{rank}.pt"
+
+
+def ema_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / f"ema_rank{rank}.pt"
+
+
+def load_ema_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the checkpoint was saved without training.ema; resume with the training.ema it was "
+            "trained with, or start a new run in a new training.output_dir"
+        )
+    return torch.load(path, weights_only=True)
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from ebft.learner.deepspeed_setup import (
     policy_engine,
     reference_model,
 )
+from ebft.learner.ema import PolicyAverage
 from ebft.learner.lora import adapter_metadata, adapter_state_dict, adapter_tensors, save_adapter, transformers_model
 from ebft.learner.loss import chunks_document_ce, document_ce, ebft_loss, generated_logprobs
 from ebft.learner.state_dict import gather_state_dict, iter_state_dict, state_dict_metadata
@@ -85,6 +86,12 @@ class LearnerRank:
             reference_model(config, self.model_path, ds_config, self.device) if config.loss.kl_coef > 0 else None
         )
         self.reduce = RankReduce(world_size, self.device)
+        zero3 = config.learner.zero_stage == 3
+        self.ema = (
+            PolicyAverage(self.engine.module, config.training.ema, zero3=zero3, rank=rank)
+            if config.training.ema is not None
+            else None
+        )
         self.step = 0
         self.weight_version = 0
         self._last_lr = float("nan")
@@ -205,6 +212,8 @@ class LearnerRank:
             if micro == self.accumulation_steps - 1:
                 self._before_optimizer_step()
             self.engine.step()
+            if micro == self.accumulation_steps - 1 and self.ema is not None:
+                self.ema.update()
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
         self.step += 1
@@ -259,6 +268,18 @@ class LearnerRank:
         tensors = iter_state_dict(module, zero3=zero3, rank=self.rank, device=device)
         return WeightStream(state_dict_metadata(module), tensors)
 
+    def ema_state_dict(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+        """The moving average (training.ema) as full_state_dict gives the live weights: HF names on rank 0, None
+        elsewhere, collective under ZeRO-3."""
+        if self.ema is None:
+            raise ValueError("this learner keeps no moving average: set training.ema")
+        with self.ema.swapped_in():
+            state = self.full_state_dict(device)
+            # Without ZeRO-3 that export holds the live parameters themselves, which the swap back overwrites.
+            if state is not None and self.config.learner.zero_stage != 3:
+                state = {name: tensor.clone() for name, tensor in state.items()}
+        return state
+
     @torch.no_grad()
     def document_ce(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Teacher-forced token-mean NLL [docs] of whole chunks [docs, T] under the current policy (rank 0)."""
@@ -284,9 +305,18 @@ class LearnerRank:
             temporary.mkdir(parents=True)
         dist.barrier()
         state = self.full_state_dict()
+        model = transformers_model(self.engine.module)
+        generation_config = getattr(model, "generation_config", None)
         if self.rank == 0:
-            model = transformers_model(self.engine.module)
-            ckpt.save_policy(temporary, state, model.config, getattr(model, "generation_config", None), self.model_path)
+            ckpt.save_policy(temporary, state, model.config, generation_config, self.model_path)
+        del state
+        if self.ema is not None:
+            average = self.ema_state_dict()
+            if self.rank == 0:
+                ckpt.save_policy(temporary / ckpt.EMA_DIR, average, model.config, generation_config, self.model_path)
+            del average
+            if self.ema.average:
+                torch.save(self.ema.state_dict(), ckpt.ema_file(temporary, self.rank))
         if self.uses_lora:
             adapter = adapter_state_dict(self.engine.module, zero3=self.config.learner.zero_stage == 3, rank=self.rank)
             if self.rank == 0:
@@ -333,10 +363,12 @@ class LearnerRank:
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the optimizer state under {path / ckpt.DEEPSPEED_DIR}")
+        if self.ema is not None and self.ema.average:
+            self.ema.load_state_dict(ckpt.load_ema_state(ckpt.ema_file(path, self.rank)))
         self.step, self.weight_version = trainer_state["step"], trainer_state["weight_version"]
         ckpt.load_rng_state(ckpt.rng_file(path, self.rank), self.device)
         return ckpt.read_extra_state(path)
 
     def close(self) -> None:
         """Release the engine (the process group stays: it belongs to the process)."""
-        self.engine = self.optimizer = self.scheduler = self.reference_model = None
+        self.engine = self.optimizer = self.scheduler = self.reference_model = self.ema = None
