@@ -198,13 +198,22 @@ class Config(Section):
                 f"size of each engine, a whole number; e.g. set it to {int(r.rollout.gpus_per_actor)} or "
                 f"{int(r.rollout.gpus_per_actor) + 1}"
             )
+        if r.learner.on_gpu and not r.learner.whole_gpus and r.learner.num_actors > 1:
+            raise ValueError(
+                f"resources.learner.gpus_per_actor={r.learner.gpus_per_actor:g} with {r.learner.num_actors} learner "
+                "ranks: Ray packs shares of a GPU onto one device and NCCL refuses two ranks there ('Duplicate GPU "
+                "detected'); set resources.learner.gpus_per_actor=1 or resources.learner.num_actors=1"
+            )
         if r.rollout.on_gpu and not r.rollout.whole_gpus:
-            share = r.rollout.gpus_per_actor
-            if self.rollout.gpu_memory_utilization > share:
+            # vLLM needs the fraction free at its start-up snapshot, while the pools sharing the GPU start at the
+            # same time, and counts their growth during its memory profiling as its own: equal to the share fails.
+            share, utilization = r.rollout.gpus_per_actor, self.rollout.gpu_memory_utilization
+            if utilization >= share:
                 raise ValueError(
                     f"resources.rollout.gpus_per_actor={share:g} shares a GPU, but vLLM takes "
-                    f"rollout.gpu_memory_utilization={self.rollout.gpu_memory_utilization:g} of the whole device and "
-                    f"refuses to start unless that much is free; set rollout.gpu_memory_utilization={share:g} or less"
+                    f"rollout.gpu_memory_utilization={utilization:g} of the whole device and refuses to start unless "
+                    f"that much is free beside the other pools on it; set rollout.gpu_memory_utilization below "
+                    f"{share:g}, e.g. {share * 0.8:.2g}"
                 )
         if self.rollout.batch_invariant and not r.rollout.on_gpu:
             raise ValueError(

@@ -111,3 +111,25 @@ def test_nucleus_sampling_is_refused_for_ebft_only():
     with pytest.raises(ConfigError, match=r"sampling.top_p=0.9: .*set sampling.top_p=1.0"):
         build_config({}, ["sampling.top_p=0.9"])
     assert build_config({}, ["sampling.top_p=0.9", "training.method=sft"]).sampling.top_p == 0.9
+
+
+def test_a_rollout_share_of_one_gpu_needs_utilization_below_the_share():
+    shared = {
+        pool: {"gpus_per_actor": 0.5 if pool == "rollout" else 0.25} for pool in ("rollout", "features", "learner")
+    }
+    for utilization in (0.5, 0.6):
+        with pytest.raises(ConfigError, match=r"rollout.gpu_memory_utilization below 0.5, e.g. 0.4"):
+            build_config({"resources": shared, "rollout": {"gpu_memory_utilization": utilization}})
+    assert build_config({"resources": shared, "rollout": {"gpu_memory_utilization": 0.45}}).weight_transport == (
+        "object_store"
+    )
+    whole = {"rollout": {"gpus_per_actor": 1}, "learner": {"gpus_per_actor": 1}}
+    build_config({"resources": whole, "rollout": {"gpu_memory_utilization": 0.95}})  # a GPU of its own: no share
+
+
+def test_learner_ranks_on_shares_of_a_gpu_are_refused():
+    with pytest.raises(ConfigError, match=r"2 learner ranks: .*Duplicate GPU.*set resources.learner.gpus_per_actor=1"):
+        build_config({"resources": {"learner": {"num_actors": 2, "gpus_per_actor": 0.5}}})
+    build_config({"resources": {"learner": {"num_actors": 1, "gpus_per_actor": 0.5}}})
+    build_config({"resources": {"learner": {"num_actors": 2, "gpus_per_actor": 1}}})
+    build_config({"resources": {"learner": {"num_actors": 2}}})  # CPU ranks
