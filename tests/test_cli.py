@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
+import psutil
 import pytest
+import yaml
+from helpers import tiny_run_config
 
 from ebft import cli
 
@@ -95,3 +102,50 @@ def test_console_script_runs_without_traceback(config_file):
     )
     assert result.returncode == 2
     assert "data.chunk_length" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runs_process_group_stops_it_like_ctrl_c(tiny_model_with_tokenizer, tmp_path):
+    """`timeout`, a scheduler's cancel or a service manager send SIGTERM to the whole process group of
+    `ebft train`, which holds the local Ray cluster it started: the run still finishes its step, saves a checkpoint
+    and leaves nothing running."""
+    from ebft.learner.checkpoint import checkpoint_path, latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_with_tokenizer, run_dir, training={"steps": 40})))
+    log = tmp_path / "train.log"
+    with log.open("w") as output:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "ebft.cli", "train", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as under `timeout` or a batch job
+        )
+    metrics = run_dir / "metrics.jsonl"
+
+    def trained_steps() -> list[int]:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        return [row["step"] for row in rows if "train/policy_loss" in row]
+
+    try:
+        deadline = time.monotonic() + 600
+        while not trained_steps() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert trained_steps(), log.read_text()[-3000:]
+        started = psutil.Process(driver.pid).children(recursive=True)
+        assert any("raylet" in process.name() for process in started)  # the run started its own Ray cluster
+        os.killpg(driver.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(driver.pid, signal.SIGTERM)  # `timeout` sends it to the group and to its child: one stop still
+        assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = log.read_text()
+    steps = trained_steps()
+    assert steps == list(range(len(steps))) and len(steps) < 40
+    assert latest_checkpoint(run_dir / "checkpoints") == checkpoint_path(run_dir / "checkpoints", len(steps)), text
+    assert "a learner rank died" not in text and "actor restarts: 0" in text, text[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [process.name() for process in alive]

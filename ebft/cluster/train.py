@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -91,13 +92,40 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         # "local": always a fresh single-node runtime, never a stray cluster some other process left on the machine.
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, 2),
-            include_dashboard=False,
-            runtime_env=env,
-            log_to_driver=True,
-        )
+        with ray_processes_in_groups_of_their_own():
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, 2),
+                include_dashboard=False,
+                runtime_env=env,
+                log_to_driver=True,
+            )
+
+
+@contextmanager
+def ray_processes_in_groups_of_their_own():
+    """The local Ray cluster's processes (GCS, raylet and the workers it forks, ...) each start in a process group of
+    their own: a SIGTERM to the run's group (`timeout`, a batch scheduler's cancel, a service manager) then reaches
+    only this driver, which stops after the step and checkpoints as on Ctrl-C (Ray blocks SIGINT in its processes),
+    instead of killing the cluster under it. On Linux Ray ties each to this process's life (PR_SET_PDEATHSIG), not
+    to the group; elsewhere its reaper kills the driver's group, so the groups stay as they are there. ray.init has
+    no such option; ray 2.60 starts each process through `ray._private.services.ConsolePopen`."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    from ray._private import services
+
+    popen = services.ConsolePopen
+
+    class OwnGroupPopen(popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, process_group=0, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def prepare_run_dir(config: Config, resume: bool) -> tuple[Path, Path | None, dict[str, int]]:
@@ -418,7 +446,8 @@ def load_evaluations(run_dir: Path, steps: int) -> list[Evaluation]:
 @contextmanager
 def stop_on_interrupt(controller: Controller):
     """The first Ctrl-C (or SIGTERM) lets the step being trained finish, then the run checkpoints and
-    stops (`--resume` continues it); a second Ctrl-C aborts at once."""
+    stops (`--resume` continues it); a second Ctrl-C aborts at once. A second SIGTERM does not: `timeout` sends
+    its SIGTERM to the run and to its group, and a scheduler that wants it gone at once sends SIGKILL."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -427,7 +456,9 @@ def stop_on_interrupt(controller: Controller):
 
     def request_stop(number, frame):
         if controller.stop_requested:
-            raise KeyboardInterrupt
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         controller.stop_requested = True
         log.warning(
             "%s: stopping after step %d, then saving a checkpoint (Ctrl-C again to abort without one)",
