@@ -4,9 +4,9 @@ Checks that span sections, resolved values and loading are in ebft/config.py, th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -280,7 +280,60 @@ class EvalConfig(Section):
         return value
 
 
+ARM_SHARED_KEYS = ("data.", "eval.", "compare.", "model.policy", "model.feature_model", "training.")
+"""What every arm of a compare shares (the base, the data order and held-out selection, the length), so that
+their evaluations pair; training.ema and training.max_staleness are an arm's own all the same."""
+ARM_OWN_TRAINING_KEYS = ("training.ema", "training.max_staleness")
+
+
+class CompareArm(Section):
+    """One arm of `ebft compare`: a training method and its own recipe over the compare's config."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+]+$")
+    """Its label in the table and its run folder under training.output_dir (letters, digits, `_`, `.`, `+`)."""
+    method: Literal["ebft", "sft"]
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dotted keys over the compare's config for this arm alone, e.g. {optim.lr: 1.0e-5, optim.schedule: cosine}."""
+
+    @field_validator("overrides")
+    @classmethod
+    def _pairing_kept(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key.startswith(ARM_SHARED_KEYS) and key not in ARM_OWN_TRAINING_KEYS:
+                raise ValueError(
+                    f"`{key}` is shared by every arm (the base, data, held-out selection and length stay the same so "
+                    "that their evaluations pair): set it in the compare's config; `method` sets training.method"
+                )
+        return value
+
+
 class CompareConfig(Section):
     budget: Literal["steps", "compute"] = "steps"
-    """What `ebft compare` holds equal: `steps`, SFT trains as many steps as EBFT; `compute`, SFT trains until it
-    used the machine time the EBFT arm measured (ebft.cluster.cost), evaluated at its end."""
+    """What `ebft compare` holds equal: `steps`, every arm trains training.steps; `compute`, the reference arm trains
+    training.steps and every other arm until it used the machine time the reference measured (ebft.cluster.cost),
+    evaluated at its end."""
+    arms: list[CompareArm] = Field(
+        default_factory=lambda: [CompareArm(name="ebft", method="ebft"), CompareArm(name="sft", method="sft")]
+    )
+    """The arms, each from the same base on the same chunks; the table pairs every arm with the base and every two
+    arms (in this order: `a - b` for a listed before b)."""
+    reference: str | None = None
+    """The arm that evaluates the base and, at budget `compute`, sets the machine time; None: the first arm."""
+    seeds: list[int] | None = None
+    """Training seeds: every arm trains once per seed (training.seed of each run), and the intervals account for
+    the seeds as well as the held-out chunks (docs/method.md section 8); None: training.seed alone."""
+
+    @model_validator(mode="after")
+    def _arms(self) -> CompareConfig:
+        names = [arm.name for arm in self.arms]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"compare.arms needs two or more arms with distinct names (got {names})")
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"compare.reference={self.reference!r} is not an arm; name one of {names}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"compare.seeds needs one or more distinct seeds (got {self.seeds})")
+        return self
+
+    @property
+    def reference_arm(self) -> CompareArm:
+        return next(arm for arm in self.arms if arm.name == (self.reference or self.arms[0].name))

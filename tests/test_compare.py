@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from helpers import tiny_run_config
@@ -90,3 +91,42 @@ def test_compare_trains_both_arms_on_the_same_chunks_and_pairs_their_evaluations
 def test_sft_refuses_ebft_only_kl():
     with pytest.raises(ConfigError, match="kl_coef"):
         build_config({"training": {"method": "sft"}, "loss": {"kl_coef": 0.1}})
+
+
+def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two(
+    local_ray, tiny_model_with_tokenizer, tmp_path
+):
+    arms = [
+        {"name": "high", "method": "sft", "overrides": {"optim.lr": 1e-3}},
+        {"name": "low", "method": "sft", "overrides": {"optim.lr": 4e-3, "optim.schedule": "cosine"}},
+    ]
+    raw = tiny_run_config(
+        tiny_model_with_tokenizer,
+        tmp_path / "arms",
+        training={"steps": 2, "max_staleness": 0},
+        optim={"lr": 1e-2, "warmup_fraction": 0.0, "min_lr_fraction": 0.5},
+        eval={"every": 2, "num_docs": 2, "num_samples": 2},
+        data={"max_examples": 30},
+        compare={"arms": arms, "reference": "low"},
+    )
+    console = Console(record=True, width=300)
+    result = compare(build_config(raw), console=console)
+    root = tmp_path / "arms"
+    # Each arm's learner ran at its own LR: high at 1e-3 constant; low's cosine from 4e-3 ends at half of it, so by
+    # hand its two steps are at 4e-3 * (0.5 + 0.5 * (1 + cos(pi * k / 2)) / 2) for k = 1, 2.
+    low_lrs = [4e-3 * (0.5 + 0.5 * (1 + math.cos(math.pi * k / 2)) / 2) for k in (1, 2)]
+    assert [r["train/lr"] for r in rows(root / "high") if "train/lr" in r] == pytest.approx([1e-3, 1e-3], rel=1e-12)
+    assert [r["train/lr"] for r in rows(root / "low") if "train/lr" in r] == pytest.approx(low_lrs, rel=1e-12)
+    # The reference arm evaluated the base; both arms were evaluated on its chunks.
+    assert [p.name for p in sorted((root / "low" / "evals").glob("*.json"))][0] == "step_00000000.json"
+    assert [p.name for p in sorted((root / "high" / "evals").glob("*.json"))] == ["step_00000002.json"]
+    assert set(result["differences"]) == {"high - base", "low - base", "high - low"}
+    base = json.loads((root / "low" / "evals" / "step_00000000.json").read_text())["per_chunk"]["eval/full_ce_loss"]
+    high = json.loads((root / "high" / "evals" / "step_00000002.json").read_text())["per_chunk"]["eval/full_ce_loss"]
+    low = json.loads((root / "low" / "evals" / "step_00000002.json").read_text())["per_chunk"]["eval/full_ce_loss"]
+    for label, after, before in (("high - base", high, base), ("low - base", low, base), ("high - low", high, low)):
+        d = result["differences"][label]["eval/full_ce_loss"]
+        assert d["mean"] == pytest.approx(sum(a - b for a, b in zip(after, before)) / len(after), rel=1e-9)
+        assert d["low"] <= d["mean"] <= d["high"]
+    header = console.export_text()
+    assert all(column in header for column in ("high - base", "low - base", "high - low", "high vs low"))

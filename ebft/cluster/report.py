@@ -1,11 +1,15 @@
-"""The end-of-run summary printed by `ebft train` (and `make demo`)."""
+"""What runs print and draw: the end-of-run summary of `ebft train` (and `make demo`), and the table and plot of
+`ebft compare`."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ebft.evaluation.heldout import paired_differences
+from ebft.evaluation.heldout import PAIRED_METRICS, paired_differences
 
 SHOWN = (
     ("eval/full_ce_loss", "held-out CE"),
@@ -14,6 +18,8 @@ SHOWN = (
     ("eval/reward_pass1_gt", "alignment reward pass@1"),
     ("eval/humaneval/pass@1", "HumanEval pass@1"),
 )
+LABELS = {**dict(SHOWN), "eval/cfm_plugin": "held-out CFM, plug-in"}
+PLOTTED = ("eval/full_ce_loss", "eval/cfm")
 
 
 def print_summary(summary, console: Console | None = None) -> None:
@@ -65,3 +71,77 @@ def print_summary(summary, console: Console | None = None) -> None:
         console.print(f"final checkpoint (HF format): {summary.checkpoint}")
     if summary.wandb_dir:
         console.print(f"W&B offline run: {summary.wandb_dir}  (upload later with `wandb sync {summary.wandb_dir}`)")
+
+
+def arm_label(arm: dict[str, Any]) -> str:
+    """An arm named after its method reads as the method (EBFT, SFT); any other keeps its name."""
+    return arm["method"].upper() if arm["name"] == arm["method"] else arm["name"]
+
+
+def print_table(result: dict[str, Any], console: Console) -> None:
+    """The compare's table: the base and every arm, every arm against the base and every two arms."""
+    held, budget, seeds = result["held_out"], result["budget"], result["seeds"]
+    labels = {arm["name"]: arm_label(arm) for arm in result["arms"]}
+    if budget["held_equal"] == "compute":
+        lengths = ", ".join(f"{labels[name]} {budget[name]['steps']} steps" for name in labels)
+        used = " and ".join(_seconds(budget[name]["machine_s"]) for name in labels)
+        after = f"at equal machine time ({lengths}; {used} device-s)"
+    else:
+        after = f"after {result['steps']} steps"
+    over = f"{len(seeds)} training seeds and " if len(seeds) > 1 else ""
+    table = Table(
+        title=f"{' vs '.join(labels.values())} {after}: {over}{held['chunks']} held-out chunks from {held['files']} "
+        f"files, {held['samples_per_block']} samples per block"
+        + (" (each arm: its mean over the seeds)" if len(seeds) > 1 else "")
+        + "; change [95% paired interval], * = interval excludes 0",
+        title_justify="left",
+    )
+    differences = result["differences"]
+    columns = {"base": "base", **labels}
+    pair_labels = {}
+    for label in differences:
+        after_name, before_name = label.split(" - ")
+        pair_labels[label] = f"{columns[after_name]} - {columns[before_name]}"
+    for column in ("metric", *columns.values(), *pair_labels.values()):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    metrics = result["metrics"]
+    for name in PAIRED_METRICS:
+        cells = [f"{metrics[arm][name]:.4f}" for arm in columns]
+        for label in pair_labels:
+            d = differences[label][name]
+            cells.append(f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{'*' if d['significant'] else ' '}")
+        table.add_row(LABELS[name], *cells)
+    console.print(table)
+
+
+def _seconds(value: float | list[float]) -> str:
+    return "/".join(f"{v:,.0f}" for v in value) if isinstance(value, list) else f"{value:,.0f}"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Each arm's held-out curves (its first seed) with the band of its paired change since the base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(6 * len(PLOTTED), 4), squeeze=False)
+    base = result["metrics"]["base"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, name in zip(axes.flat, PLOTTED):
+        for arm, color in zip(result["arms"], colors):
+            points = result["curves"][arm["name"]]
+            steps = [p["step"] for p in points]
+            ax.plot(steps, [p[name] for p in points], marker="o", color=color, label=arm_label(arm))
+            low = [base[name] + p["vs_base"][name]["low"] for p in points]
+            high = [base[name] + p["vs_base"][name]["high"] for p in points]
+            ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+        ax.axhline(base[name], color="gray", linestyle="--", linewidth=1, label="base")
+        ax.set_title(f"{LABELS[name]} (95% paired interval vs base)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
