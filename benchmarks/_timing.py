@@ -1,5 +1,5 @@
-"""Small helpers shared by the benchmarks: a quiet offline environment, best-of-k wall time, the final JSON line,
-real-text chunks."""
+"""Small helpers shared by the benchmarks: a quiet offline environment, wall times after a warm-up, the final JSON
+line, real-text chunks."""
 
 import json
 import os
@@ -23,7 +23,8 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+def wall_times(fn, repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -31,7 +32,11 @@ def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    return min(wall_times(fn, repeats, warmup))
 
 
 def emit(result: dict) -> None:

@@ -4,14 +4,15 @@
 (a) compute_rewards: one Gram product + batched n x n eigendecompositions;
 (b) per group: SVD of the n x D rollout matrix, then per-sample Python loops (authors' style);
 (c) the floor: one batched Gram product over the same features (reading the inputs once).
-The features reach (a) and (b) in the layout training gives compute_rewards.
+The features reach (a) and (b) in the layout training gives compute_rewards. Every side is timed the same way:
+`--warmup` untimed calls, then the median of `--repeats` timed ones (their range is printed).
 """
 
 import argparse
-import time
+import statistics
 
 import torch
-from _timing import best_time, emit
+from _timing import emit, wall_times
 
 from ebft.config import RewardConfig
 from ebft.rewards import compute_rewards
@@ -42,6 +43,8 @@ def main():
     parser.add_argument("--blocks", type=int, default=127)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--dim", type=int, default=4608)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each side")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each side first")
     args = parser.parse_args()
     torch.manual_seed(0)
     # Laid out as training hands them over: feature workers return [docs, NB, n, D] (contiguous), which the learner
@@ -49,20 +52,33 @@ def main():
     X = torch.nn.functional.normalize(torch.randn(args.docs, args.blocks, args.samples, args.dim), dim=-1)
     y = torch.nn.functional.normalize(torch.randn(args.docs, args.blocks, args.dim), dim=-1)
 
-    kernel = best_time(lambda: compute_rewards(X, y, RewardConfig(diversity_coef=1.0, whitening="sample")))
+    config = RewardConfig(diversity_coef=1.0, whitening="sample")
     flat = X.flatten(0, 1)  # the floor reads the features once, in the layout it wants
-    gram = best_time(lambda: torch.bmm(flat, flat.transpose(1, 2)))
-    start = time.perf_counter()
+    sides = {
+        "loop": lambda: per_group_rewards(X, y),
+        "kernel": lambda: compute_rewards(X, y, config),
+        "gram": lambda: torch.bmm(flat, flat.transpose(1, 2)),
+    }
+    times = {name: wall_times(fn, args.repeats, args.warmup) for name, fn in sides.items()}
+    loop, kernel, gram = (statistics.median(times[name]) for name in sides)
     reference = per_group_rewards(X, y)
-    loop = time.perf_counter() - start
 
-    fast = compute_rewards(X, y, RewardConfig(diversity_coef=1.0, whitening="sample")).advantages
+    def spread(name: str) -> str:
+        return f"{min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f}"
+
+    fast = compute_rewards(X, y, config).advantages
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
     groups = args.docs * args.blocks
     print(f"groups={groups} n={args.samples} D={args.dim} float32, torch threads={torch.get_num_threads()}")
-    print(f"per-group SVD + loops : {loop * 1e3:9.1f} ms")
-    print(f"batched kernel        : {kernel * 1e3:9.1f} ms   ({loop / kernel:.0f}x faster; outputs agree to 1e-4)")
-    print(f"Gram floor (one bmm)  : {gram * 1e3:9.1f} ms   (kernel = {kernel / gram:.2f}x the floor)")
+    print(f"median of {args.repeats} after {args.warmup} warm-up call(s) each; range in brackets")
+    print(f"per-group SVD + loops : {loop * 1e3:9.1f} ms [{spread('loop')}]")
+    print(
+        f"batched kernel        : {kernel * 1e3:9.1f} ms [{spread('kernel')}]   ({loop / kernel:.0f}x faster; "
+        "outputs agree to 1e-4)"
+    )
+    print(
+        f"Gram floor (one bmm)  : {gram * 1e3:9.1f} ms [{spread('gram')}]   (kernel = {kernel / gram:.2f}x the floor)"
+    )
     emit(
         {
             "benchmark": "rewards",
@@ -74,6 +90,7 @@ def main():
             "groups": groups,
             "n": args.samples,
             "dim": args.dim,
+            "statistic": f"median of {args.repeats} after {args.warmup} warm-up",
         }
     )
 
