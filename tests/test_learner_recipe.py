@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +87,37 @@ def test_moving_average_follows_a_float64_loop_and_resumes_exactly(tiny_model_di
         resumed.train_step([rollouts], [features], current_version=step)
     assert all(torch.equal(tensor, average[name]) for name, tensor in resumed.ema_state_dict().items())
     resumed.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_moving_average_sharded_over_two_zero3_ranks_is_the_one_rank_average(tiny_model_dir, ray_cluster, tmp_path):
+    from ebft.learner.group import LearnerGroup
+
+    config = make_config(training={"ema": 0.6}, learner={"zero_stage": 3, "micro_batch_docs": 1})
+    sharded = config.model_copy(update={"resources": make_config(resources={"learner": {"num_actors": 2}}).resources})
+    batches = [
+        (make_batch(2, seed=60 + s, version=s), make_batch(2, seed=70 + s, version=s, first_chunk=2)) for s in (0, 1)
+    ]
+    single = LearnerRank(config.model_copy(update={"learner": sharded.learner}), tiny_model_dir)
+    for step, (first, second) in enumerate(batches):
+        single.train_step([first[0], second[0]], [first[1], second[1]], current_version=step)
+    expected = single.ema_state_dict()
+    single.close()
+    with LearnerGroup(sharded, tiny_model_dir) as group:
+        for step, (first, second) in enumerate(batches):
+            group.train_step([first[0], second[0]], [first[1], second[1]], current_version=step)
+        path = group.save_checkpoint(str(ckpt.checkpoint_path(tmp_path, 2)))
+    # Each rank saved its own partition; the HF folder is their average put together.
+    assert sorted(p.name for p in Path(path).glob("ema_rank*.pt")) == ["ema_rank0.pt", "ema_rank1.pt"]
+    saved = AutoModelForCausalLM.from_pretrained(Path(path) / ckpt.EMA_DIR, dtype=torch.float32).state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(saved[name], tensor, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
