@@ -1,33 +1,35 @@
 """Weight-sync benchmark: time to push the policy to one and to two rollout actors vs one training step.
 
-SmolLM2-135M on both sides (`model.dtype: auto`: bf16 where the CPU computes it natively, else float32; `--dtype`),
-as in a run: a `LearnerGroup` (DeepSpeed ZeRO-2, gradient checkpointing, torch AdamW) and rollout actors
-(`create_rollout_actor`) in Ray. The learner trains on
-real rollouts of Python stdlib text sampled by the first rollout actor (random features stand in
-for the feature network, which the learner's step does not depend on for its cost).
+The step is the one `make demo` trains on this machine: configs/quickstart.yaml as `ebft demo` sizes it
+(ebft/demo.py: 2 documents x 4 samples, T = 128 where the CPU computes bf16 natively, else float32 and T = 64;
+C = s = G = 8; DeepSpeed ZeRO-2 without gradient checkpointing; one learner rank on 0.5 CPU, so one thread), with
+a second rollout actor. SmolLM2-135M on both sides: a `LearnerGroup` and rollout actors (`create_rollout_actor`)
+in Ray. The learner trains on real rollouts of Python stdlib text sampled by the first rollout actor (random
+features stand in for the feature network, which the learner's step does not depend on for its cost).
 
 A push is `LearnerGroup.push_weights().confirm()` timed from the driver, as a training step runs it, over
 `--transport`: `object_store` (rank 0 puts the weights' bytes once in the object store and every actor loads them
 into its in-process engine) or `gloo` (vLLM's weight-transfer protocol, as NCCL runs it on GPUs: engines in their
 own EngineCore processes, rank 0 broadcasting packed buffers after every worker entered); either way every actor
-reports the new version. Step time is `LearnerGroup.train_step`
-timed from the driver. Every push carries a new weight version, so pushes follow steps:
+reports the new version. Step time is `LearnerGroup.train_step` timed from the driver. Every push carries a new
+weight version, so pushes follow steps:
 
     step 1 (warm-up) -> push to A and B (warm-up)
     step 2 -> push to A (timed: one actor) -> step 3 -> push to A and B (timed: two actors) ...
 
-The default step is deliberately small (1 document x 4 samples, T = 256, C = s = G = 8: 1,248
-packed tokens); the paper's step (16 documents x 4 samples, T = 1024) is ~65x more tokens for the
-same push, so its ratio is correspondingly lower. The last line is JSON; `ratio` is the two-actor
-push time over the median step time.
+Steps and pushes are timed the same way: after that warm-up, the median of the timed ones (`--repeats` pairs).
+The paper's step (16 documents x 4 samples, T = 1024) has ~67x the tokens of the demo's at T = 128 for the same
+push, so its ratio is correspondingly lower. The last line is JSON; `ratio` is the two-actor push time over the
+step time.
 
     python benchmarks/weight_sync.py [--transport object_store|gloo] [--dtype auto|bfloat16|float32]
-                                     [--docs-per-step 1] [--chunk-length 256] [--repeats 1] [--learner-cpus 2]
+                                     [--repeats 3] [KEY=VALUE ...]   # overrides of the demo's config
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -41,49 +43,39 @@ quiet_environment()
 import ray
 import torch
 
-from ebft.config import build_config  # noqa: E402
 from ebft.messages import ChunkBatch, FeatureBatch  # noqa: E402
 
-C, S, G, N = 8, 8, 8, 4
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--docs-per-step", type=int, default=1)
-    parser.add_argument("--chunk-length", type=int, default=256, help="T; (T - 16) must be a multiple of 8")
-    parser.add_argument("--repeats", type=int, default=1, help="timed (one-actor, two-actor) push pairs")
-    parser.add_argument("--learner-cpus", type=float, default=2, help="CPUs (torch threads) of the learner rank")
+    parser.add_argument("--repeats", type=int, default=3, help="timed (one-actor, two-actor) push pairs")
     parser.add_argument("--transport", choices=["object_store", "gloo"], default="object_store")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo's config, e.g. data.chunk_length=64")
     args = parser.parse_args()
 
     from ebft.actors.pool import create_rollout_actor
+    from ebft.demo import demo_config
     from ebft.learner.group import LearnerGroup
     from ebft.model_sources import smollm2_path
 
     model_path = str(smollm2_path())
-    config = build_config(
-        {
-            "model": {"policy": model_path, "dtype": args.dtype},
-            "data": {"chunk_length": args.chunk_length},
-            "sampling": {"context_length": C, "stride": S, "block_length": G, "num_samples": N},
-            "rollout": {"kv_cache_gib": 0.25, "weight_transport": args.transport},
-            "learner": {"zero_stage": 2, "micro_batch_docs": 1, "gradient_checkpointing": True},
-            "optim": {"lr": 1e-6, "warmup_fraction": 0.0},
-            "training": {"docs_per_step": args.docs_per_step, "steps": 100},
-            "resources": {
-                "learner": {"num_actors": 1, "cpus_per_actor": args.learner_cpus},
-                "rollout": {"num_actors": 2, "cpus_per_actor": 1},
-            },
-        }
-    )
-    docs = args.docs_per_step
-    ray.init(address="local", num_cpus=int(args.learner_cpus) + 2, include_dashboard=False, log_to_driver=False)
+    settings = [
+        f"model.policy={model_path}",
+        f"model.dtype={args.dtype}",
+        "resources.rollout.num_actors=2",
+        f"rollout.weight_transport={args.transport}",
+    ]
+    config, _ = demo_config(str(QUICKSTART), [*settings, *args.overrides])
+    sampling, docs, length = config.sampling, config.training.docs_per_step, config.data.chunk_length
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
     try:
         started = time.perf_counter()
         actors = [create_rollout_actor(config, model_path, enforce_eager=True) for _ in range(2)]
         group = LearnerGroup(config, model_path)
-        chunks = ChunkBatch(list(range(docs)), stdlib_chunks(model_path, docs, args.chunk_length), step=0)
+        chunks = ChunkBatch(list(range(docs)), stdlib_chunks(model_path, docs, length), step=0)
         ray.get([actor.weight_version.remote() for actor in actors])
         print(f"start-up (learner + 2 engines): {time.perf_counter() - started:.1f} s", flush=True)
 
@@ -92,7 +84,7 @@ def main() -> None:
         dim = 3 * 576
         features = FeatureBatch(
             chunks.chunk_ids,
-            torch.randn(docs, config.num_blocks, N, dim, generator=generator),
+            torch.randn(docs, config.num_blocks, sampling.num_samples, dim, generator=generator),
             torch.randn(docs, config.num_blocks, dim, generator=generator),
         )
 
@@ -136,17 +128,18 @@ def main() -> None:
     finally:
         ray.shutdown()
 
-    step_s = statistics.median(steps)
-    sync_one, sync_two = min(one), min(two)
-    packed_tokens = docs * (args.chunk_length + N * config.num_blocks * G)  # the document once, then its samples
+    step_s, sync_one, sync_two = (statistics.median(times) for times in (steps, one, two))
+    # the document once, then its samples
+    packed_tokens = docs * (length + sampling.num_samples * config.num_blocks * sampling.block_length)
     print(
-        f"SmolLM2-135M {config.model.dtype}, {args.transport}, {docs} doc(s) x {N} samples x T={args.chunk_length} "
-        f"({packed_tokens} packed tokens per step)"
+        f"SmolLM2-135M {config.model.dtype}, {args.transport}, the demo's step: {docs} doc(s) x "
+        f"{sampling.num_samples} samples x T={length} ({packed_tokens} packed tokens), "
+        f"{config.resources.learner.cpus_per_actor:g} CPU learner rank; medians after a warm-up"
     )
     print(f"training step (median of {len(steps)}): {step_s:.2f} s")
-    print(f"push to 1 rollout actor: {sync_one:.2f} s  (ratio {sync_one / step_s:.3f})")
-    print(f"push to 2 rollout actors: {sync_two:.2f} s  (ratio {sync_two / step_s:.3f})")
-    returns_s = min(returned[1:])
+    print(f"push to 1 rollout actor (median of {len(one)}): {sync_one:.2f} s  (ratio {sync_one / step_s:.3f})")
+    print(f"push to 2 rollout actors (median of {len(two)}): {sync_two:.2f} s  (ratio {sync_two / step_s:.3f})")
+    returns_s = statistics.median(returned[1:])
     print(f"push returns to the controller after (gather + send): {returns_s:.2f} s")
     emit(
         {
@@ -160,11 +153,13 @@ def main() -> None:
             "ratio_push_returns": round(returns_s / step_s, 4),
             "packed_tokens_per_step": packed_tokens,
             "docs_per_step": docs,
-            "chunk_length": args.chunk_length,
+            "chunk_length": length,
             "model": "SmolLM2-135M",
             "dtype": config.model.dtype,
             "transport": args.transport,
-            "learner_cpus": args.learner_cpus,
+            "learner_cpus": config.resources.learner.cpus_per_actor,
+            "gradient_checkpointing": config.learner.gradient_checkpointing,
+            "statistic": "median after a warm-up",
             "goal": "ratio < 0.10",
         }
     )
