@@ -22,8 +22,10 @@ Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads of 64, 3 KV heads)
     in float64 (the adapters' gradients and update), and the push's adapters merged on the device vs on the CPU.
 (6) cpu_pool: a child process that sees the GPU runs a CPU feature worker and a CPU learner rank: CUDA stays
     uninitialised.
-(7) packed: the broadcast sender's packed path from CUDA tensors to CUDA (else to CPU) over a gloo TransferGroup
-    between two processes, every tensor equal, GB/s; and send_packed on CUDA against a CPU unpack.
+(7) packed: the broadcast's packed wire format from CUDA tensors to CUDA (else to CPU) between two processes over
+    ebft's CPU communicator (gloo with NCCL's failure semantics; that machine has no vLLM, so not its NCCL
+    communicator, the abort or tensor parallelism), every tensor equal, GB/s; and send_packed on CUDA against a
+    CPU unpack, with a float32 view off its alignment. Exits non-zero when any check fails.
 (8) mfu: the learner's forward + backward tokens/s and MFU at the paper geometry, Qwen2.5-1.5B's shape, `blocks`,
     bf16, without and with gradient checkpointing; MFU = 6 * parameters * tokens/s / the dense bf16 peak.
 
@@ -347,6 +349,11 @@ def main() -> None:
         print(f"({check}: {time.perf_counter() - started:.0f} s)", flush=True)
     print(f"(all: {time.perf_counter() - total:.0f} s)")
     emit(result)
+    failed = sorted(
+        key for key, value in result.items() if key.endswith("_error") or (key.endswith("_pass") and not value)
+    )
+    if failed:
+        sys.exit(f"FAILED: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

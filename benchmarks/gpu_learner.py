@@ -315,9 +315,9 @@ def pack_round_trip(named, buffer_bytes: int) -> tuple[int, int]:
     from ebft.weight_broadcast import receive_packed, send_packed
 
     buffers = []
-    sent = types.SimpleNamespace(broadcast=lambda tensor: buffers.append(tensor.cpu()))
-    send_packed(named, sent, buffer_bytes)
-    replay = types.SimpleNamespace(broadcast=lambda tensor: tensor.copy_(buffers.pop(0)))
+    sent = types.SimpleNamespace(start_broadcast=lambda tensor: (buffers.append(tensor.cpu()), lambda: True)[1])
+    send_packed(named, sent, buffer_bytes, lambda done: done())
+    replay = types.SimpleNamespace(start_broadcast=lambda tensor: (tensor.copy_(buffers.pop(0)), lambda: True)[1])
     expected = {name: tensor.cpu() for name, tensor in named}
     metadata = [(name, list(t.shape), t.dtype) for name, t in named]
     checked = []
@@ -333,7 +333,7 @@ def views_equal(views, expected) -> list[bool]:
 
 def packed_worker(rank: int, port: int, spec: dict, queue) -> None:
     """One end of a gloo TransferGroup (built without vLLM's rendezvous: a TCPStore served by rank 0)."""
-    from ebft.weight_broadcast import TransferGroup, receive_packed, send_packed
+    from ebft.weight_broadcast import CpuCommunicator, TransferGroup, receive_packed, send_packed, wait_complete
 
     device = torch.device(spec["send_device"] if rank == 0 else spec["receive_device"])
     if device.type == "cuda":
@@ -343,15 +343,15 @@ def packed_worker(rank: int, port: int, spec: dict, queue) -> None:
     metadata = [(name, list(t.shape), t.dtype) for name, t in named]
     timeout = timedelta(seconds=spec["timeout_s"])
     store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, timeout)
-    gloo = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("ebft/gloo/", store), rank, 2, timeout)
-    group = TransferGroup("gloo", rank, 2, store, gloo, spec["timeout_s"])
+    gloo = CpuCommunicator(torch.distributed.PrefixStore("ebft/gloo/", store), rank, 2)
+    group = TransferGroup(rank, 2, store, gloo, spec["timeout_s"])
     checked, seconds = [], []
     for _ in range(spec["rounds"]):
         checked.clear()
         synchronize(device)
         started = time.perf_counter()
         if rank == 0:
-            send_packed(named, group, spec["buffer_bytes"])
+            send_packed(named, group, spec["buffer_bytes"], wait_complete)
         else:
             receive_packed(
                 metadata, group, spec["buffer_bytes"], device, lambda v: checked.extend(views_equal(v, expected))

@@ -45,19 +45,22 @@ def actor_options(resources: PoolResources, placement_group=None, bundle_index: 
 
 
 def actor_device(resources: PoolResources) -> torch.device:
-    """The torch device of an actor of a pool with these resources (in this process)."""
+    """The torch device of an actor of a pool with these resources (in this process): its first GPU, cuda:0, since
+    Ray (or show_only_assigned_gpus) leaves the actor its own GPUs only."""
     if not resources.on_gpu:
         return torch.device("cpu")
-    return torch.device("cuda", first_assigned_gpu())
+    return torch.device("cuda", 0)
 
 
-def first_assigned_gpu() -> int:
-    """The CUDA index of this actor's first GPU. Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPUs, so that is
-    cuda:0; a cluster started with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES shows every actor every GPU, and
-    the actor's own are the ones `ray.get_gpu_ids()` names (without it every learner rank would take cuda:0)."""
-    if os.environ.get(NOSET_CUDA_VISIBLE_DEVICES, "0").lower() in ("0", "false", ""):
-        return 0
+def show_only_assigned_gpus(resources: PoolResources) -> None:
+    """A cluster started with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES shows every actor every GPU. A GPU actor
+    then narrows CUDA_VISIBLE_DEVICES to the GPUs Ray assigned it, in their numeric order, before CUDA starts: its
+    device is cuda:0 as anywhere else, and vLLM's workers (which take cuda:{local_rank} and inherit the environment)
+    land on its own GPUs, not on GPUs 0..k-1 of the node."""
+    if not resources.on_gpu or os.environ.get(NOSET_CUDA_VISIBLE_DEVICES, "0").lower() in ("0", "false", ""):
+        return
     import ray
 
-    ids = ray.get_gpu_ids() if ray.is_initialized() else []
-    return int(ids[0]) if ids else 0
+    ids = sorted((str(i) for i in ray.get_gpu_ids()), key=int) if ray.is_initialized() else []
+    if ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)

@@ -223,12 +223,22 @@ def test_a_rollout_actor_that_stops_answering_mid_generation_is_replaced_within_
 
 
 def test_a_killed_learner_restarts_from_the_last_checkpoint(
-    local_ray, tiny_model_with_tokenizer, tmp_path, straight_synchronous_run
+    local_ray, tiny_model_with_tokenizer, tmp_path, straight_synchronous_run, monkeypatch
 ):
     """The learner rank dies after the checkpoint at step 2: the run goes back to it, drops what was sampled
-    after it, trains its steps again and ends with the weights of a run that was never interrupted."""
+    after it, trains its steps again and ends with the weights of a run that was never interrupted. The restarted
+    group trains only the steps after the checkpoint (the base weights replayed would train all four again)."""
+    from ebft.learner.group import LearnerGroup
+
     straight = straight_synchronous_run
     config = tiny_config(tiny_model_with_tokenizer, tmp_path / "run", training=SYNCHRONOUS, checkpoint={"every": 2})
+    train_step, steps_by_group = LearnerGroup.train_step, {}
+
+    def counted(group, *args, **kwargs):
+        steps_by_group.setdefault(group.incarnation, []).append(args[-1])  # the weight version the step starts from
+        return train_step(group, *args, **kwargs)
+
+    monkeypatch.setattr(LearnerGroup, "train_step", counted)
     killed = []
     killer = threading.Thread(
         target=kill_actor_processes, args=("LearnerRankActor", 3, tmp_path / "run" / "metrics.jsonl", killed)
@@ -244,6 +254,8 @@ def test_a_killed_learner_restarts_from_the_last_checkpoint(
     restarted, uninterrupted = final_weights(summary), final_weights(straight)
     for name, value in uninterrupted.items():
         torch.testing.assert_close(restarted[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    first, second = steps_by_group.values()
+    assert first[:3] == [0, 1, 2] and second == [2, 3], steps_by_group  # from the checkpoint's version 2
 
 
 def test_a_learner_that_keeps_dying_stops_the_run_with_the_checkpoint_to_resume(

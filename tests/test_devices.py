@@ -70,14 +70,25 @@ def test_a_cpu_ray_actor_starts_with_no_visible_gpu(local_ray):
 def test_pool_devices_follow_the_config_not_torch(torch_sees_a_gpu, monkeypatch):
     assert actor_device(PoolResources()) == torch.device("cpu")
     assert actor_device(PoolResources(gpus_per_actor=1)) == torch.device("cuda", 0)
-    # A cluster that leaves CUDA_VISIBLE_DEVICES alone shows every actor every GPU: use the one Ray assigned.
+
+
+@pytest.mark.parametrize("assigned, visible", [([3], "3"), (["5", "2", "10"], "2,5,10")])
+def test_under_noset_a_gpu_actor_sees_only_its_own_gpus_in_order(monkeypatch, assigned, visible):
+    """A cluster that leaves CUDA_VISIBLE_DEVICES alone shows every actor every GPU (stand-in ids here): an actor on
+    GPUs narrows it to the ones Ray assigned, so its cuda:0 and its vLLM workers' cuda:{local_rank} are its own."""
     import ray
 
+    from ebft.actor_resources import show_only_assigned_gpus
+
     monkeypatch.setenv(NOSET_CUDA_VISIBLE_DEVICES, "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7,8,9,10")
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
-    assert actor_device(PoolResources(gpus_per_actor=1)) == torch.device("cuda", 3)
-    assert actor_device(PoolResources()) == torch.device("cpu")
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: assigned)
+    show_only_assigned_gpus(PoolResources())  # a CPU actor keeps what it was given
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7,8,9,10"
+    show_only_assigned_gpus(PoolResources(gpus_per_actor=len(assigned)))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
+    assert actor_device(PoolResources(gpus_per_actor=len(assigned))) == torch.device("cuda", 0)
 
 
 def test_a_cpu_feature_worker_computes_on_the_cpu_when_torch_sees_a_gpu(tiny_model_dir, torch_sees_a_gpu):
@@ -127,3 +138,20 @@ def test_pools_that_need_more_gpus_than_the_cluster_has_are_a_config_error(monke
     with pytest.raises(ConfigError, match="the pools need 3 GPU but the Ray cluster has 1"):
         check_fits(build_config({"resources": gpus}))
     check_fits(build_config({"resources": {"rollout": {"gpus_per_actor": 1}}}))
+
+
+def test_a_replacement_engine_waits_until_its_predecessor_freed_the_gpu(caplog):
+    """The old EngineCore frees its GPU memory only when Ray reaps it (stand-in readings of (free, total) bytes)."""
+    from ebft.actors.engine_process import wait_for_free_gpu_memory
+
+    readings = iter([(10, 100), (40, 100), (85, 100), (85, 100)])
+    calls = []
+
+    def memory():
+        calls.append(1)
+        return next(readings)
+
+    wait_for_free_gpu_memory(0.8, timeout_s=30, memory=memory, poll_s=0.001)
+    assert len(calls) == 3  # returned at the first reading with 80% free
+    wait_for_free_gpu_memory(0.8, timeout_s=0.05, memory=lambda: (50, 100), poll_s=0.001)
+    assert "only 0.0 of 0.0 GiB of the GPU are free" in caplog.text

@@ -205,11 +205,12 @@ class LoopbackGroup:
     def __init__(self):
         self.sent, self.replaying = [], False
 
-    def broadcast(self, tensor):
+    def start_broadcast(self, tensor):
         if self.replaying:
             tensor.copy_(self.sent.pop(0))
         else:
             self.sent.append(tensor.clone())
+        return lambda: True
 
 
 def test_packed_buffers_are_cut_as_vllm_cuts_them_and_unpack_to_the_same_tensors():
@@ -230,7 +231,9 @@ def test_packed_buffers_are_cut_as_vllm_cuts_them_and_unpack_to_the_same_tensors
         assert ours == theirs, buffer_bytes
 
         group = LoopbackGroup()
-        send_packed(iter(weights), group, buffer_bytes)
+        waited = []
+        send_packed(iter(weights), group, buffer_bytes, lambda done: waited.append(done()))
+        assert waited == [True] * len(theirs)  # every buffer waited for before the next is packed
         assert len(group.sent) == len(theirs)
         group.replaying, received = True, []
         metadata = [(name, list(t.shape), t.dtype) for name, t in weights]

@@ -16,6 +16,8 @@ import logging
 import multiprocessing.connection
 import os
 import threading
+import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +53,29 @@ def bind_engine_to_actor(llm) -> None:
             os._exit(1)
 
     threading.Thread(target=watch, name="engine-watchdog", daemon=True).start()
+
+
+def wait_for_free_gpu_memory(
+    fraction: float, timeout_s: float, memory: Callable[[], tuple[int, int]] | None = None, poll_s: float = 1.0
+) -> None:
+    """A replacement engine starts in its predecessor's bundle at once, but the old EngineCore frees the GPU only
+    when Ray reaps it, and vLLM refuses to start unless `fraction` of the GPU is free: wait for it (at most
+    `timeout_s`; then vLLM's own check says what holds the memory). `memory()`: (free, total) bytes."""
+    if memory is None:
+        import torch
+
+        memory = torch.cuda.mem_get_info
+    deadline = time.monotonic() + timeout_s
+    free, total = memory()
+    while free < fraction * total and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        free, total = memory()
+    if free < fraction * total:
+        log.warning(
+            "only %.1f of %.1f GiB of the GPU are free after %.0f s, where rollout.gpu_memory_utilization asks for "
+            "%.0f%%: another process (an engine still exiting?) holds the rest",
+            free / 2**30,
+            total / 2**30,
+            timeout_s,
+            100 * fraction,
+        )

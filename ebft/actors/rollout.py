@@ -23,7 +23,7 @@ import torch
 
 from ebft.actors.adapter_merge import AdapterBase
 from ebft.actors.adapter_serving import ServedAdapter, lora_request
-from ebft.actors.engine_process import bind_engine_to_actor
+from ebft.actors.engine_process import bind_engine_to_actor, wait_for_free_gpu_memory
 from ebft.actors.weight_receiver import WORKER_EXTENSION, load_update_into_engine, receive_weight_broadcast
 from ebft.config import BROADCAST_TRANSPORTS, NCCL
 from ebft.cpu_threads import all_cores
@@ -31,6 +31,7 @@ from ebft.layout import BlockPlan
 from ebft.messages import ChunkBatch, RolloutBatch, WeightUpdate
 
 GIB = 1 << 30
+ENGINE_MEMORY_WAIT_S = 120.0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -98,14 +99,16 @@ class RolloutWorker:
         - `log_file`: as a Ray actor of a run, the engine's output goes there (ebft.actor_output).
         """
         from ebft.actor_output import send_output_to
+        from ebft.actor_resources import show_only_assigned_gpus
         from ebft.model_sources import resolve_model_path
 
         send_output_to(log_file)
+        show_only_assigned_gpus(config.resources.rollout)
         self.config = config
         self.plan = BlockPlan.from_config(config)
         self.model_path = resolve_model_path(str(model_path))
         self._version = 0
-        self._rewound_to: int | None = None
+        self._learner: int | None = None  # the incarnation of the learner group that pushed the weights held
         self._transfer_open = False  # a broadcast transport's group is open in the engine
         # With model.lora a push holds adapters, which the engine merges (adapter_base) or serves (served_adapter).
         self.adapter_base = AdapterBase.from_config(config)
@@ -159,6 +162,7 @@ class RolloutWorker:
             options["weight_transfer_config"] = WeightTransferConfig(backend=backend)
         if self.on_gpu:
             options["gpu_memory_utilization"] = self.config.rollout.gpu_memory_utilization
+            wait_for_free_gpu_memory(options["gpu_memory_utilization"], ENGINE_MEMORY_WAIT_S)
             tensor_parallel = tensor_parallel_size(self.config.resources.rollout)
             if tensor_parallel > 1:
                 # Its workers are processes of this actor, on the GPUs of the actor's bundle (CUDA_VISIBLE_DEVICES).
@@ -252,25 +256,26 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self._version
 
-    def rewind_weights(self, version: int) -> None:
-        """The learner restarted from a checkpoint at `version`: its next update may go back to it."""
-        self._rewound_to = version
+    def check_forward(self, version: int, learner: int) -> None:
+        """Versions never go back, except to a learner group started after the one that pushed the weights held (a
+        restart from a checkpoint). The same version again is allowed: after a rollout actor restarts, every actor
+        gets the current weights."""
+        if self._learner is not None and (learner, version) < (self._learner, self._version):
+            raise ValueError(
+                f"weight update to version {version} (learner {learner}) goes back from {self._version} "
+                f"(learner {self._learner})"
+            )
 
-    def _check_forward(self, version: int) -> None:
-        # The same version again is allowed: after a rollout actor restarts, every actor gets the current weights.
-        if version < self._version and version != self._rewound_to:
-            raise ValueError(f"weight update to version {version} goes back from {self._version}")
-        self._rewound_to = None
-
-    def update_weights(self, update: WeightUpdate) -> int:
-        """Object-store transport: load the pushed weights into the running engine; returns the new version."""
-        self._check_forward(update.version)
+    def update_weights(self, update: WeightUpdate, learner: int = 0) -> int:
+        """Object-store transport: load the pushed weights into the running engine; returns the new version.
+        `learner`: the pushing learner group's incarnation (check_forward)."""
+        self.check_forward(update.version, learner)
         load_update_into_engine(self.llm, update, self.adapter_base, self.served_adapter)
-        self._pushed(update.version)
+        self._pushed(update.version, learner)
         return self._version
 
-    def _pushed(self, version: int) -> None:
-        self._version = version
+    def _pushed(self, version: int, learner: int) -> None:
+        self._version, self._learner = version, learner
         if self.served_adapter is not None:
             self._lora_request = lora_request(version)
 
@@ -292,17 +297,13 @@ class RolloutWorker:
             self._transfer_open = False
             self.llm.shutdown_weight_transfer_engine()
 
-    def receive_weight_broadcast(self, update_info: dict, version: int) -> int:
-        """Broadcast transports: receive one broadcast from the learner; returns the new version. A broadcast that
-        fails (the learner died, or another receiver did and the sender gave up) leaves this engine's transfer
-        group closed, ready for the next connection."""
-        self._check_forward(version)
-        try:
-            receive_weight_broadcast(self.llm, update_info, version, self.adapter_base, self.served_adapter)
-        except Exception:
-            self.close_weight_transfer()
-            raise
-        self._pushed(version)
+    def receive_weight_broadcast(self, update_info: dict, version: int, learner: int = 0) -> int:
+        """Broadcast transports: receive one broadcast from the learner; returns the new version. An engine worker
+        whose round fails (the learner died, or another receiver did and the sender declared the round failed)
+        ends its process, and this actor with it (engine_process), so the round is never half loaded."""
+        self.check_forward(version, learner)
+        receive_weight_broadcast(self.llm, update_info, version, self.adapter_base, self.served_adapter)
+        self._pushed(version, learner)
         return self._version
 
     # ------------------------------------------------------------------ evaluation

@@ -1,23 +1,22 @@
-"""The receiving ends of a broadcast weight push, registered in vLLM's own weight-transfer factory.
+"""The receiving end of a broadcast weight push, registered in vLLM's own weight-transfer factory.
 
-They run inside the engine's workers (in its EngineCore process under vLLM's multiprocessing, as GPU engines run)
-and take part in vLLM's lifecycle: init_weight_transfer_engine, start_weight_update, update_weights,
-finish_weight_update, shutdown_weight_transfer_engine.
+It runs inside the engine's workers (in its EngineCore process under vLLM's multiprocessing, as GPU engines run)
+and takes part in vLLM's lifecycle: init_weight_transfer_engine, start_weight_update, update_weights,
+finish_weight_update, shutdown_weight_transfer_engine. One engine, registered under two names that differ only in
+the communicator (ebft/weight_broadcast.py): `ebft_nccl` between GPUs, `gloo` between CPU processes, which fails as
+NCCL fails, so the CPU tests run the GPU engines' code.
 
-- `ebft_nccl` (GPUs): vLLM's NCCL engine as it is, plus the announcement below.
-- `gloo` (CPU pools, and the tests that run the GPU protocol on CPU): the same lifecycle and packed wire format
-  over a gloo group; weights load through vLLM's layerwise reload as NCCL's do.
-
-Both announce in the group's store that the worker entered a round before they receive anything, so the learner's
-rank 0 broadcasts only once every receiver is inside (ebft/weight_broadcast.py). A round whose update info names an
-`adapter_base` carries LoRA adapters: they are collected and loaded merged into the base (adapter_merge.py). An engine
-that serves adapters (`serves_adapters` at init, rollout.lora_sync: adapter) reloads no weights: it keeps each round's
-adapters for the rollout actor to register with vLLM's LoRA layers (adapter_serving.py).
+A connect and each round run under a Guard: a worker whose round passes its bound, is declared failed by the
+sender or raises, ends its process (so the actor with it), and never loads a round that did not complete. Every
+worker announces in the group's store that it entered a round before the learner's rank 0 broadcasts anything. A
+round whose update info names an `adapter_base` carries LoRA adapters: they are collected and loaded merged into the
+base (adapter_merge.py). An engine that serves adapters (`serves_adapters` at init, rollout.lora_sync: adapter)
+reloads no weights: it keeps each round's adapters for the rollout actor to register with vLLM's LoRA layers
+(adapter_serving.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitI
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine, NCCLWeightTransferUpdateInfo
 
 from ebft.actors.adapter_merge import AdapterBase, merged_weights
-from ebft.weight_broadcast import TransferGroup, as_transfer_group, open_transfer_group, receive_packed
+from ebft.weight_broadcast import TransferGroup, failed_key, open_transfer_group, receive_packed
 
 ENGINES = {"ebft_nccl": "EbftNcclWeightTransferEngine", "gloo": "GlooWeightTransferEngine"}
 
@@ -48,17 +47,10 @@ class RoundUpdateInfo(NCCLWeightTransferUpdateInfo):
     """An AdapterBase's fields when the round carries LoRA adapters (set by the receiving rollout actor)."""
 
 
-class _Loader:
-    """Stands in for the model inside vLLM's NCCL receive, which only calls its load_weights."""
-
-    def __init__(self, load: Callable) -> None:
-        self.load_weights = load
-
-
 @dataclass(kw_only=True)
 class TimedInitInfo(NCCLWeightTransferInitInfo):
     timeout_s: float = 600.0
-    """Bound of every wait of this group (rendezvous, each broadcast)."""
+    """Bound of the connect and of each round, after which the worker ends its process."""
     serves_adapters: bool = False
     """Set by a rollout actor whose engine serves LoRA adapters: rounds bring adapters to keep, not weights."""
 
@@ -71,21 +63,60 @@ def group_rank(parallel_config, rank_offset: int) -> int:
 
 
 class RoundEngine(NCCLWeightTransferEngine):
-    """What both engines add to vLLM's NCCL engine: timed groups, announced rounds, LoRA rounds."""
+    """vLLM's NCCL engine's lifecycle (a layerwise reload between start and finish) with ebft's guarded group."""
 
     init_info_cls = TimedInitInfo
     update_info_cls = RoundUpdateInfo
+    backend: str
     serves_adapters = False
+    group: TransferGroup | None = None
     received_adapters: dict[str, torch.Tensor] | None = None
     """A served-adapter round's tensors, until the rollout actor registers them."""
+
+    def init_transfer_engine(self, init_info: TimedInitInfo) -> None:
+        self.shutdown()
+        self.serves_adapters = init_info.serves_adapters
+        self.packed_buffer_size_bytes = init_info.packed_buffer_size_bytes
+        rank = group_rank(self.parallel_config, init_info.rank_offset)
+        self.group = open_transfer_group(
+            self.backend,
+            init_info.master_address,
+            init_info.master_port,
+            rank,
+            init_info.world_size,
+            self.device,
+            init_info.timeout_s,
+        )
 
     def start_weight_update(self) -> None:
         if not self.serves_adapters:  # a layerwise reload of the weights
             super().start_weight_update()
 
-    def finish_weight_update(self) -> None:
-        if not self.serves_adapters:
-            super().finish_weight_update()
+    def update_weights(self, update_info: dict) -> None:
+        # Not the base class's: it ends with torch.accelerator.synchronize(), which raises on a CPU-only machine,
+        # and this engine's broadcasts are complete when received.
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def receive_weights(self, update_info: RoundUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("the weight transfer is not initialized: call init_weight_transfer_engine first")
+        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+
+        group, buffer_bytes = self.group, self.packed_buffer_size_bytes
+        with group.guard_round(update_info.round_index):
+            if group.watcher.check([failed_key(update_info.round_index)]):
+                raise RuntimeError("the round was declared failed before this worker entered it")
+            metadata = [
+                (name, shape, getattr(torch, dtype))
+                for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes)
+            ]
+            group.announce_entered(update_info.round_index)
+            with disable_mtp_completeness_check():
+                self.receive_round(
+                    self.model,
+                    update_info,
+                    lambda load: receive_packed(metadata, group, buffer_bytes, self.device, load),
+                )
 
     def receive_round(self, model, update_info: RoundUpdateInfo, receive: Callable[[Callable], None]) -> None:
         """`receive(load)` hands the round's tensors to `load` in batches: the model's own load_weights, or for a LoRA
@@ -100,100 +131,23 @@ class RoundEngine(NCCLWeightTransferEngine):
         else:
             model.load_weights(merged_weights(adapters, AdapterBase(**update_info.adapter_base)))
 
+    def finish_weight_update(self) -> None:
+        if not self.serves_adapters:
+            super().finish_weight_update()
+            refresh_tied_lm_head(self.model, self.model_config)
+
+    def shutdown(self) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            group.close()
+
 
 class EbftNcclWeightTransferEngine(RoundEngine):
-    """vLLM's NCCL engine, announcing each round before it receives."""
-
-    def init_transfer_engine(self, init_info: TimedInitInfo) -> None:
-        self.shutdown()  # vLLM's NCCL engine would overwrite a previous communicator without releasing it
-        super().init_transfer_engine(init_info)
-        self.group = as_transfer_group(self.model_update_group, init_info.timeout_s)
-        self.serves_adapters = init_info.serves_adapters
-
-    def update_weights(self, update_info: dict) -> None:
-        with restored_on_failure(self):
-            super().update_weights(update_info)
-
-    def receive_weights(self, update_info: RoundUpdateInfo) -> None:
-        self.group.announce_entered(update_info.round_index)
-        model = self.model
-
-        def receive(load: Callable) -> None:
-            self.model = _Loader(load)
-            try:
-                NCCLWeightTransferEngine.receive_weights(self, update_info)
-            finally:
-                self.model = model
-
-        self.receive_round(model, update_info, receive)
+    backend = "nccl"
 
 
 class GlooWeightTransferEngine(RoundEngine):
-    """The NCCL engine's layerwise reload (start / finish) with a gloo group and the packed wire format."""
-
-    def init_transfer_engine(self, init_info: TimedInitInfo) -> None:
-        self.shutdown()
-        self.serves_adapters = init_info.serves_adapters
-        self.packed_buffer_size_bytes = init_info.packed_buffer_size_bytes
-        rank = group_rank(self.parallel_config, init_info.rank_offset)
-        self.group: TransferGroup | None = open_transfer_group(
-            "gloo",
-            init_info.master_address,
-            init_info.master_port,
-            rank,
-            init_info.world_size,
-            self.device,
-            init_info.timeout_s,
-        )
-
-    def update_weights(self, update_info: dict) -> None:
-        # The base class ends with torch.accelerator.synchronize(), which raises on a CPU-only machine.
-        with restored_on_failure(self):
-            self.receive_weights(self.parse_update_info(update_info))
-
-    def receive_weights(self, update_info: RoundUpdateInfo) -> None:
-        if getattr(self, "group", None) is None:
-            raise RuntimeError("the gloo weight transfer is not initialized: call init_weight_transfer_engine first")
-        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
-
-        metadata = [
-            (name, shape, getattr(torch, dtype))
-            for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes)
-        ]
-        self.group.announce_entered(update_info.round_index)
-        buffer_bytes = self.packed_buffer_size_bytes
-        with disable_mtp_completeness_check():
-            self.receive_round(
-                self.model,
-                update_info,
-                lambda load: receive_packed(metadata, self.group, buffer_bytes, self.device, load),
-            )
-
-    def finish_weight_update(self) -> None:
-        super().finish_weight_update()
-        refresh_tied_lm_head(self.model, self.model_config)
-
-    def shutdown(self) -> None:
-        group = getattr(self, "group", None)
-        if group is not None:
-            group.close()
-        self.group = None
-
-
-@contextlib.contextmanager
-def restored_on_failure(engine):
-    """A transfer that fails part way leaves the model inside vLLM's layerwise reload (layers on the meta device,
-    waiting for the rest of their weights), where the next update cannot start. Finish the reload with what arrived
-    (untouched layers get their old tensors back) so the engine takes the next push; it is not sampled before that
-    push succeeds (the controller pushes again after a failed push)."""
-    try:
-        yield
-    except BaseException:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-        if not engine.serves_adapters:
-            finalize_layerwise_reload(engine.model, engine.model_config)
-        raise
+    backend = "gloo"
 
 
 def refresh_tied_lm_head(model, model_config) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import ray
 
-from ebft.actor_failures import UnresponsiveActorError, failed_actor_id, is_actor_failure
+from ebft.actor_failures import UnresponsiveActorError, failed_actor_ids, is_actor_failure
 from ebft.cluster.cost import step_cost
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config
@@ -247,11 +247,9 @@ class Controller:
         self.stream.load_state_dict(point.data_state)
         self.trained = {step: ids for step, ids in self.trained.items() if step < point.step}
         self._push = None  # from the dead learner
-        try:
-            ray.get([actor.rewind_weights.remote(point.version) for actor in self.rollout_pool])
-        except Exception as rollout_error:  # a dead rollout actor is left to collect(), which replaces it
-            if not is_actor_failure(rollout_error):
-                raise
+        # Engines left inside its push end themselves (their transfer group's store went with it): the connect
+        # below finds them dead and replaces them. The restored weights may be an older version than the engines
+        # hold: a new learner group's pushes may go back (rollout.RolloutWorker.check_forward).
         self._engine_version = -1  # the restored weights go out before anything is sampled
         self.connect_rollout_actors()
 
@@ -289,7 +287,7 @@ class Controller:
                 except Exception as error:
                     if not is_actor_failure(error):
                         raise
-                    self.replace_rollout_actor(shard.rollout_actor, shard.rollout_handle, error)
+                    self.replace_rollout_actors({shard.rollout_actor: shard.rollout_handle}, error)
                     read_error(shard.features)  # never ran: its rollout was lost with the actor
                     self.generate(shard)
                     continue
@@ -352,24 +350,26 @@ class Controller:
                 raise
 
     def replace_failed_actor(self, error: Exception) -> bool:
-        """Replace the rollout actor or feature worker whose death `error` reports; False if it is none of theirs."""
-        actor_id = failed_actor_id(error) if is_actor_failure(error) else None
-        if (index := self.rollout_pool.index_of(actor_id)) is not None:
-            self.replace_rollout_actor(index, self.rollout_pool[index], error)
-            return True
-        if (index := self.feature_pool.index_of(actor_id)) is not None:
+        """Replace the rollout actors or feature workers whose death `error` reports; False if it is none of theirs."""
+        actor_ids = failed_actor_ids(error) if is_actor_failure(error) else []
+        rollout = {i: self.rollout_pool[i] for i in map(self.rollout_pool.index_of, actor_ids) if i is not None}
+        features = [i for i in map(self.feature_pool.index_of, actor_ids) if i is not None]
+        for index in features:
             if self.feature_pool.replace(index, self.feature_pool[index], error):
                 self.restarts += 1
-            return True
-        return False
+        if rollout:
+            self.replace_rollout_actors(rollout, error)
+        return bool(rollout or features)
 
-    def replace_rollout_actor(self, index: int, failed: Any, error: Exception) -> None:
-        if not self.rollout_pool.replace(index, failed, error):
+    def replace_rollout_actors(self, failed: dict[int, Any], error: Exception) -> None:
+        """Replace the rollout actors {slot: handle} still in the pool, then reconnect and push the weights once."""
+        replaced = [index for index, handle in failed.items() if self.rollout_pool.replace(index, handle, error)]
+        if not replaced:
             return
-        self.restarts += 1
-        self._push = None  # its acknowledgments may include the dead actor's
+        self.restarts += len(replaced)
+        self._push = None  # its acknowledgments may include the dead actors'
         if self.connect_rollout_actors() and self.version > 0:
-            self.push_weights()  # the new actor starts from the base weights; the others reload the same version
+            self.push_weights()  # new actors start from the base weights; the others reload the same version
 
     def connect_rollout_actors(self) -> bool:
         """Open the weight transport from the learner to the rollout pool; False if an actor failed to join and

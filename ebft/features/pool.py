@@ -19,8 +19,10 @@ class FeatureWorker:
 
     def __init__(self, model_path: str | os.PathLike, config: Config, log_file: str | None = None):
         from ebft.actor_output import send_output_to
+        from ebft.actor_resources import show_only_assigned_gpus
 
         send_output_to(log_file)
+        show_only_assigned_gpus(config.resources.features)
         # Imported here so the driver process never loads the feature model's dependencies for nothing.
         from ebft.features.extractor import FeatureExtractor
 

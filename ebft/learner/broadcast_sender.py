@@ -1,30 +1,31 @@
 """Broadcast transports (NCCL between GPUs, gloo between CPU pools): vLLM's weight-transfer protocol, driven from the
-learner's rank 0 to N rollout engines. The receiving ends are ebft/actors/transfer_engines.py; the group and the
-packed wire format are ebft/weight_broadcast.py.
+learner's rank 0 to N rollout engines. The receiving end is ebft/actors/transfer_engines.py; the group, its guards
+and the packed wire format are ebft/weight_broadcast.py.
 
 vLLM's own trainer-side engine gives every receiver rank_offset 1, which is right for one engine (however many GPUs
 it spans) but collides for several independent engines; here each engine gets its own block of ranks after the
 sender's rank 0, as many as its tensor-parallel workers.
 
-A push never hangs the run. Each wait is bounded by `timeout_s` (rollout.weight_sync_timeout_s): the rendezvous,
-every receiving worker's announcement that it entered the round (checked before anything is broadcast), each
-buffer's broadcast. A receiver that fails or does not answer is reported as that actor's failure
-(ebft.actor_failures), which the controller answers by replacing it, reconnecting and pushing again.
+A push never hangs the run. It has one deadline, `timeout_s` (rollout.weight_sync_timeout_s) from its start, for
+every receiving worker to announce that it entered the round (checked before anything is broadcast) and for every
+buffer's broadcast; while rank 0 waits it also watches the receivers' acknowledgments, so a receiver that died is
+noticed at once. On any failure rank 0 declares the round failed in the group's store (every receiver still inside
+ends itself: see weight_broadcast.Guard), aborts its communicator and raises one error naming every rollout actor
+that did not complete the round (ebft.actor_failures.RolloutActorsFailed), which the controller answers by replacing
+them all, reconnecting and pushing again.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
+from ebft.actor_failures import RolloutActorsFailed, is_actor_failure
 from ebft.learner.weight_sender import WeightSender, WeightStream
-from ebft.weight_broadcast import TransferGroup, open_transfer_group, send_packed
-
-POLL_S = 0.05
+from ebft.weight_broadcast import POLL_S, TransferGroup, open_transfer_group, send_packed
 
 
 def update_info(metadata: Sequence[tuple[str, list[int], torch.dtype]], round_index: int) -> dict[str, Any]:
@@ -62,6 +63,7 @@ class BroadcastWeightSender(WeightSender):
         self,
         receivers: Sequence[Any],
         *,
+        learner: int = 0,
         backend: str,
         master_address: str,
         master_port: int,
@@ -69,7 +71,7 @@ class BroadcastWeightSender(WeightSender):
         device: torch.device,
         buffer_bytes: int,
     ) -> None:
-        super().__init__(receivers)
+        super().__init__(receivers, learner)
         self.backend, self.master_address, self.master_port = backend, master_address, master_port
         self.timeout_s, self.device, self.buffer_bytes = timeout_s, device, buffer_bytes
         self.group: TransferGroup | None = None
@@ -78,8 +80,12 @@ class BroadcastWeightSender(WeightSender):
         self.rounds = 0
 
     def connect(self) -> None:
-        # A receiver may still be inside a push of a learner that died: it gives up after its own bound.
-        self.sizes = self._wait([r.weight_transfer_world_size.remote() for r in self.receivers], 2 * self.timeout_s)
+        import ray
+
+        # A receiver may still be inside the push of a learner that died: within its bound it ends itself.
+        sizes = [r.weight_transfer_world_size.remote() for r in self.receivers]
+        self._wait(lambda: False, sizes, time.monotonic() + 2 * self.timeout_s, "answer", until_answered=True)
+        self.sizes = ray.get(sizes)
         self.rank_offsets = [1 + sum(self.sizes[:i]) for i in range(len(self.sizes))]
         world_size = 1 + sum(self.sizes)
         infos = [
@@ -95,6 +101,7 @@ class BroadcastWeightSender(WeightSender):
             for offset in self.rank_offsets
         ]
         # The receivers block in the rendezvous until rank 0 joins: start them first.
+        deadline = time.monotonic() + self.timeout_s
         joined = [receiver.init_weight_transfer.remote(info) for receiver, info in zip(self.receivers, infos)]
         try:
             self.group = open_transfer_group(
@@ -102,7 +109,7 @@ class BroadcastWeightSender(WeightSender):
             )
         except Exception as error:
             raise self._failure(joined, "join the weight-transfer group") from error
-        self._wait(joined, self.timeout_s)
+        self._wait(lambda: False, joined, deadline, "join the weight-transfer group", until_answered=True)
 
     def _send(self, weights: Mapping[str, torch.Tensor] | WeightStream, version: int) -> list:
         if self.group is None:
@@ -110,69 +117,69 @@ class BroadcastWeightSender(WeightSender):
         stream = as_stream(weights)
         self.rounds += 1
         info = update_info(stream.metadata, self.rounds)
-        acknowledgments = [receiver.receive_weight_broadcast.remote(info, version) for receiver in self.receivers]
+        acknowledgments = [
+            receiver.receive_weight_broadcast.remote(info, version, self.learner) for receiver in self.receivers
+        ]
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self._wait_entered(acknowledgments)
-            send_packed(checked(stream), self.group, self.buffer_bytes)
-        except Exception as error:
-            self.close()  # receivers inside the broadcast fail it at once, tear their group down and answer
-            if is_actor_failure(error):
-                raise
-            raise self._failure(acknowledgments, "receive the weights") from error
+            self._wait(self._all_entered, acknowledgments, deadline, "enter the weight push")
+            send_packed(
+                checked(stream),
+                self.group,
+                self.buffer_bytes,
+                lambda done: self._wait(done, acknowledgments, deadline, "receive the weights"),
+            )
+        except BaseException:
+            self.group.declare_failed(self.rounds)
+            self.close()
+            raise
         return acknowledgments
 
-    def _wait_entered(self, acknowledgments: list) -> None:
-        """Every receiving worker is inside this round (announced in the store), or the receiver's call failed."""
+    def _all_entered(self) -> bool:
+        """Every receiving worker is inside this round (announced in the store)."""
+        ranks = [rank for offset, size in zip(self.rank_offsets, self.sizes) for rank in range(offset, offset + size)]
+        return all(self.group.entered(self.rounds, rank) for rank in ranks)
+
+    def _wait(
+        self, done: Callable[[], bool], futures: list, deadline: float, what: str, until_answered: bool = False
+    ) -> None:
+        """Until `done()` (or, `until_answered`, every future answered): a future that failed meanwhile, or the
+        deadline, raises the failure naming every receiver that did not answer."""
         import ray
 
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            missing = [
-                i for i, ranks in enumerate(self._ranks()) if not all(self.group.entered(self.rounds, r) for r in ranks)
-            ]
-            if not missing:
+        while not done():
+            answered, _ = ray.wait(futures, num_returns=len(futures), timeout=0)
+            for future in answered:
+                try:
+                    ray.get(future)
+                except Exception:
+                    raise self._failure(futures, what) from None
+            if until_answered and len(answered) == len(futures):
                 return
-            failed, _ = ray.wait([acknowledgments[i] for i in missing], num_returns=1, timeout=POLL_S)
-            if failed:
-                ray.get(failed)  # raises the receiver's error
             if time.monotonic() > deadline:
-                self.close()
-                raise self._failure(acknowledgments, "enter the weight push", [acknowledgments[i] for i in missing])
+                raise self._failure(futures, what)
+            time.sleep(POLL_S)
 
-    def _ranks(self) -> list[range]:
-        return [range(offset, offset + size) for offset, size in zip(self.rank_offsets, self.sizes)]
-
-    def _wait(self, futures: list, timeout_s: float) -> list:
+    def _failure(self, futures: list, what: str) -> Exception:
+        """One error naming every receiver whose call had not answered, or failed as its actor died; a receiver's
+        own error (not its death) is returned as it is."""
         import ray
 
-        done, late = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
-        if late:
-            raise self._failure(futures, "answer", late)
-        return ray.get(futures)
-
-    def _failure(self, futures: list, what: str, late: list = ()) -> Exception:
-        """The error that names the receiver to blame: one whose call failed as an actor failure, else one that had
-        not answered in time (`late`, or still running now: unresponsive); else whatever error a receiver raised."""
-        import ray
-
-        done, _ = ray.wait(futures, num_returns=len(futures), timeout=min(self.timeout_s, 10.0))
-        done = [future for future in done if future not in late]
-        errors = []
-        for future in done:
-            try:
-                ray.get(future)
-            except Exception as error:
-                errors.append(error)
-        for error in errors:
-            if is_actor_failure(error):
-                return error
+        answered, _ = ray.wait(futures, num_returns=len(futures), timeout=0)
+        failed, causes = [], []
         for receiver, future in zip(self.receivers, futures):
-            if future not in done:
-                actor_id = receiver._actor_id.hex()
-                return UnresponsiveActorError(
-                    actor_id, f"rollout actor {actor_id} did not {what} within {self.timeout_s:g} s"
-                )
-        return errors[0] if errors else RuntimeError(f"the weight push failed while the receivers {what}")
+            if future in answered:
+                try:
+                    ray.get(future)
+                    continue
+                except Exception as error:
+                    if not is_actor_failure(error):
+                        return error
+                    causes.append(f"{type(error).__name__}")
+            failed.append(receiver._actor_id.hex())
+        causes = f" ({', '.join(sorted(set(causes)))})" if causes else ""
+        message = f"rollout actors {failed} did not {what} within {self.timeout_s:g} s{causes}"
+        return RolloutActorsFailed(failed, message)
 
     def close(self) -> None:
         if self.group is not None:

@@ -7,6 +7,7 @@ import importlib
 import math
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,10 +36,16 @@ def import_deepspeed(on_gpu: bool):
 
 
 def join_process_group(
-    rank: int, world_size: int, device: torch.device, master_addr: str, master_port: int | None
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    master_addr: str,
+    master_port: int | None,
+    timeout: timedelta = timedelta(minutes=30),
 ) -> None:
-    """Set the rendezvous variables and join the gloo (CPU) or NCCL (GPU `device`) group. DeepSpeed's engine takes
-    its GPU from LOCAL_RANK, so on a GPU it is the device's index."""
+    """Set the rendezvous variables and join the gloo (CPU) or NCCL (GPU `device`) group, whose collectives fail
+    past `timeout` (collective_timeout). DeepSpeed's engine takes its GPU from LOCAL_RANK, so on a GPU it is the
+    device's index."""
     on_gpu = device.type == "cuda"
     local_rank = device.index if on_gpu else rank
     for key, value in {
@@ -66,7 +73,14 @@ def join_process_group(
         from deepspeed.utils import groups
 
         groups._release_process_group_references()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False, timeout=timeout)
+
+
+def collective_timeout(config: Config) -> timedelta:
+    """The learner ranks' collective bound. Under ZeRO-3 ranks 1..k enter a push's first all-gather at once while
+    rank 0 may wait up to rollout.weight_sync_timeout_s for the engines to enter the round: DeepSpeed's default of 10
+    minutes would let its watchdog end the learner first (the default bound is 600 s too)."""
+    return timedelta(seconds=max(30 * 60, 2 * config.rollout.weight_sync_timeout_s + 10 * 60))
 
 
 def warmup_steps(config: Config) -> int:

@@ -33,6 +33,7 @@ from ebft.learner import checkpoint as ckpt
 from ebft.learner.batches import prepare_inputs
 from ebft.learner.collectives import RankReduce
 from ebft.learner.deepspeed_setup import (
+    collective_timeout,
     deepspeed_config,
     join_process_group,
     policy_engine,
@@ -78,7 +79,7 @@ class LearnerRank:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage >= 1")
 
         self.device = actor_device(config.resources.learner)
-        join_process_group(rank, world_size, self.device, master_addr, master_port)
+        join_process_group(rank, world_size, self.device, master_addr, master_port, collective_timeout(config))
         on_gpu = self.device.type != "cpu"
         ds_config = deepspeed_config(config, world_size, on_gpu)
         self.engine, self.optimizer, self.scheduler = policy_engine(config, self.model_path, ds_config, on_gpu)

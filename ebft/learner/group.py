@@ -8,13 +8,14 @@ must be on storage every rank can reach (one node, or a shared filesystem).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 
-from ebft.actor_failures import is_actor_failure
+from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
 from ebft.actor_resources import actor_options
 from ebft.config import BROADCAST_TRANSPORTS, Config
 from ebft.learner.weight_sender import WeightPush, make_weight_sender
@@ -22,6 +23,10 @@ from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
 
 if TYPE_CHECKING:
     import torch
+
+
+ANSWER_MARGIN_S = 60.0
+"""What a bound on the learner adds to the transfer's own bounds (Ray's calls, a slow first CUDA call)."""
 
 
 class LearnerRankActor:
@@ -54,10 +59,12 @@ class LearnerRankActor:
         ranks_on_node: int,
     ) -> None:
         """`ranks_on_node`: learner ranks sharing this node's cores (cpu_threads.actor_threads)."""
+        from ebft.actor_resources import show_only_assigned_gpus
         from ebft.cpu_threads import actor_threads, set_threads
         from ebft.learner.engine import LearnerRank
 
         resources = config.resources.learner
+        show_only_assigned_gpus(resources)
         trains_alone = config.training.max_staleness == 0
         set_threads(actor_threads(resources, trains_alone=trains_alone, ranks_on_node=ranks_on_node))
         self.learner = LearnerRank(
@@ -75,8 +82,9 @@ class LearnerRankActor:
     def sft_step(self, chunks, current_version: int) -> dict[str, float]:
         return self.learner.sft_step(chunks, current_version)
 
-    def connect_weight_receivers(self, rollout_actors) -> None:
-        """Rank 0: open the run's weight transport to these rollout actors (again after one was replaced)."""
+    def connect_weight_receivers(self, rollout_actors, learner: int) -> None:
+        """Rank 0: open the run's weight transport to these rollout actors (again after one was replaced).
+        `learner`: the group's incarnation, which its pushes carry."""
         if self.learner.rank != 0:
             return
         if self.weight_sender is not None:
@@ -88,7 +96,7 @@ class LearnerRankActor:
 
             address, device = ray.util.get_node_ip_address(), self.learner.device
             options = {"master_address": address, "master_port": free_port(), "device": device}
-        sender = make_weight_sender(self.learner.config, rollout_actors, **options)
+        sender = make_weight_sender(self.learner.config, rollout_actors, learner, **options)
         sender.connect()
         self.weight_sender = sender
 
@@ -172,6 +180,8 @@ class LearnerGroup:
             raise
         self.weight_version = 0
         self.rollout_actors: list[Any] = []
+        # Larger for a group started later (a restart): its pushes may go back from an earlier group's versions.
+        self.incarnation = time.time_ns()
 
     def train_step(
         self,
@@ -209,12 +219,17 @@ class LearnerGroup:
     def connect_weight_receivers(self, rollout_actors: Sequence[Any]) -> None:
         """Open the configured weight transport from rank 0 to these rollout actors (once, or after a restart)."""
         self.rollout_actors = list(rollout_actors)
-        gather([actor.connect_weight_receivers.remote(self.rollout_actors) for actor in self.actors])
+        # Rank 0's connect is bounded (2 x the bound for the receivers to answer, 1 x to join): past that it is hung.
+        bound = 3 * self.config.rollout.weight_sync_timeout_s + ANSWER_MARGIN_S
+        calls = [actor.connect_weight_receivers.remote(self.rollout_actors, self.incarnation) for actor in self.actors]
+        self.gather(calls, bound, "connect to the rollout actors")
 
     def push_weights(self) -> WeightPush:
         """Send the current weights to the connected rollout actors; returns once they are on their way
         (`.confirm()` waits until every actor applied them)."""
-        version, acknowledgments = gather([actor.push_weights.remote() for actor in self.actors])[0]
+        # Rank 0's push has one deadline, weight_sync_timeout_s; gathering the weights under ZeRO-3 adds to it.
+        bound = 2 * self.config.rollout.weight_sync_timeout_s + ANSWER_MARGIN_S
+        version, acknowledgments = self.gather([actor.push_weights.remote() for actor in self.actors], bound, "push")[0]
         actor_ids = [actor._actor_id.hex() for actor in self.rollout_actors]
         return WeightPush(version, acknowledgments, actor_ids, self.config.rollout.weight_sync_timeout_s)
 
@@ -230,6 +245,16 @@ class LearnerGroup:
         state = ray.get(self.actors[0].state.remote())
         self.weight_version = state["weight_version"]
         return extra
+
+    def gather(self, refs: list, bound_s: float, what: str) -> list:
+        """`gather` within a bound: a rank that has not answered by then is hung (in a collective no one can end from
+        outside), so the group is ended and the controller restarts it."""
+        try:
+            return gather(refs, bound_s)
+        except ray.exceptions.GetTimeoutError:
+            actor_id = self.actors[0]._actor_id.hex()
+            self.shutdown()
+            raise UnresponsiveActorError(actor_id, f"the learner did not {what} within {bound_s:g} s") from None
 
     def alive(self) -> bool:
         """False if any rank's process is gone."""
@@ -253,11 +278,15 @@ class LearnerGroup:
         self.shutdown()
 
 
-def gather(refs: list) -> list:
+def gather(refs: list, bound_s: float | None = None) -> list:
     """ray.get of every rank's result, raising as soon as one rank fails: the others may be waiting for it
-    in a collective that never completes."""
+    in a collective that never completes. Past `bound_s`, GetTimeoutError."""
     pending = list(refs)
+    deadline = None if bound_s is None else time.monotonic() + bound_s
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} of {len(refs)} ranks did not answer")
         ray.get(done)
     return ray.get(refs)

@@ -20,4 +20,4 @@ class ObjectStoreWeightSender(WeightSender):
 
         state = dict(weights.tensors) if isinstance(weights, WeightStream) else weights
         update = ray.put(state_dict_to_update(state, version))
-        return [receiver.update_weights.remote(update) for receiver in self.receivers]
+        return [receiver.update_weights.remote(update, self.learner) for receiver in self.receivers]

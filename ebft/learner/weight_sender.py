@@ -42,23 +42,26 @@ class WeightPush:
     timeout_s: float
 
     def confirm(self) -> int:
-        """Raises an actor's failure (ebft.actor_failures) if one died or did not answer within the bound."""
+        """Raises an actor's failure (ebft.actor_failures) naming every actor that died or did not answer within the
+        bound; another error a receiver raised is raised as it is."""
         import ray
 
-        from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
+        from ebft.actor_failures import RolloutActorsFailed, is_actor_failure
 
         done, _ = ray.wait(self.acknowledgments, num_returns=len(self.acknowledgments), timeout=self.timeout_s)
-        reported, errors = [], []
+        reported, failed = [], []
         for actor_id, acknowledgment in zip(self.actor_ids, self.acknowledgments):
             if acknowledgment not in done:
-                errors.append(UnresponsiveActorError(actor_id, f"rollout actor {actor_id} did not apply the weights"))
+                failed.append(actor_id)
                 continue
             try:
                 reported.append(ray.get(acknowledgment))
             except Exception as error:
-                errors.append(error)
-        if errors:
-            raise next((e for e in errors if is_actor_failure(e)), errors[0])
+                if not is_actor_failure(error):
+                    raise
+                failed.append(actor_id)
+        if failed:
+            raise RolloutActorsFailed(failed, f"rollout actors {failed} did not apply weight version {self.version}")
         if any(v != self.version for v in reported):
             raise RuntimeError(f"rollout actors report versions {reported} after a push of version {self.version}")
         return self.version
@@ -83,8 +86,11 @@ def state_dict_to_update(state_dict: Mapping[str, torch.Tensor], version: int) -
 class WeightSender(ABC):
     """Rank 0 of the learner: deliver weights of one version to every rollout actor."""
 
-    def __init__(self, receivers: Sequence[Any]) -> None:
+    def __init__(self, receivers: Sequence[Any], learner: int = 0) -> None:
+        """`learner`: the incarnation of the learner group sending (larger for a group started later): its pushes
+        may go back from an earlier group's versions."""
         self.receivers = list(receivers)
+        self.learner = learner
         self.version: int | None = None
 
     def connect(self) -> None:
@@ -106,7 +112,7 @@ class WeightSender(ABC):
         pass
 
 
-def make_weight_sender(config: Config, receivers: Sequence[Any], **broadcast_options) -> WeightSender:
+def make_weight_sender(config: Config, receivers: Sequence[Any], learner: int = 0, **broadcast_options) -> WeightSender:
     """The sender for this run's transport; a broadcast needs `master_address=`, `master_port=` and `device=`."""
     if config.weight_transport in BROADCAST_TRANSPORTS:
         from ebft.learner.broadcast_sender import BroadcastWeightSender
@@ -114,6 +120,7 @@ def make_weight_sender(config: Config, receivers: Sequence[Any], **broadcast_opt
         rollout = config.rollout
         return BroadcastWeightSender(
             receivers,
+            learner=learner,
             backend=config.weight_transport,
             timeout_s=rollout.weight_sync_timeout_s,
             buffer_bytes=int(rollout.weight_buffer_mib * 2**20),
@@ -121,4 +128,4 @@ def make_weight_sender(config: Config, receivers: Sequence[Any], **broadcast_opt
         )
     from ebft.learner.object_store_sender import ObjectStoreWeightSender
 
-    return ObjectStoreWeightSender(receivers)
+    return ObjectStoreWeightSender(receivers, learner)
