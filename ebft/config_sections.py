@@ -227,7 +227,8 @@ class TrainingConfig(Section):
     ema: float | None = Field(None, gt=0.0, lt=1.0)
     """Keep an exponential moving average of the policy with this decay (None: off; the authors' configs: 0.9):
     after every optimizer step, average = ema * average + (1 - ema) * weights. Checkpoints save it under `ema/`;
-    the rollouts and held-out evaluations use the live weights (docs/method.md section 5)."""
+    the rollouts and held-out evaluations use the live weights, and `ebft compare` compares the arm by its average
+    (docs/method.md section 5)."""
     seed: int = 0
     output_dir: str = "runs/ebft"
 

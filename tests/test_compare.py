@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from helpers import tiny_run_config
@@ -97,7 +98,7 @@ def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two
     local_ray, tiny_model_with_tokenizer, tmp_path
 ):
     arms = [
-        {"name": "high", "method": "sft", "overrides": {"optim.lr": 1e-3}},
+        {"name": "high", "method": "sft", "overrides": {"optim.lr": 1e-3, "training.ema": 0.5}},
         {"name": "low", "method": "sft", "overrides": {"optim.lr": 4e-3, "optim.schedule": "cosine"}},
     ]
     raw = tiny_run_config(
@@ -119,10 +120,15 @@ def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two
     assert [r["train/lr"] for r in rows(root / "low") if "train/lr" in r] == pytest.approx(low_lrs, rel=1e-12)
     # The reference arm evaluated the base; both arms were evaluated on its chunks.
     assert [p.name for p in sorted((root / "low" / "evals").glob("*.json"))][0] == "step_00000000.json"
-    assert [p.name for p in sorted((root / "high" / "evals").glob("*.json"))] == ["step_00000002.json"]
+    assert [p.name for p in sorted((root / "high" / "evals").glob("step_*.json"))] == ["step_00000002.json"]
     assert set(result["differences"]) == {"high - base", "low - base", "high - low"}
     base = json.loads((root / "low" / "evals" / "step_00000000.json").read_text())["per_chunk"]["eval/full_ce_loss"]
-    high = json.loads((root / "high" / "evals" / "step_00000002.json").read_text())["per_chunk"]["eval/full_ce_loss"]
+    # The arm with training.ema is compared by its average: `ebft eval` of its last checkpoint's ema/ folder.
+    averaged = json.loads((root / "high" / "evals" / "ema_step_00000002.eval.json").read_text())
+    assert Path(averaged["model"]) == root / "high" / "checkpoints" / "step_00000002" / "ema"
+    high = averaged["per_chunk"]["eval/full_ce_loss"]
+    live = json.loads((root / "high" / "evals" / "step_00000002.json").read_text())["per_chunk"]["eval/full_ce_loss"]
+    assert high != pytest.approx(live, abs=1e-6)
     low = json.loads((root / "low" / "evals" / "step_00000002.json").read_text())["per_chunk"]["eval/full_ce_loss"]
     for label, after, before in (("high - base", high, base), ("low - base", low, base), ("high - low", high, low)):
         d = result["differences"][label]["eval/full_ce_loss"]

@@ -5,7 +5,7 @@ and evaluated on the same held-out chunks with the same sampling seeds, so every
     train each arm (compare.arms; by default EBFT, then SFT) with its own overrides, once per compare.seeds seed,
         evaluating every eval.every steps; at compare.budget: steps every arm trains training.steps (evaluated
         at the same steps), at compute the others train until they used the reference's measured machine time
-        for the same seed (evaluated at their end)
+        for the same seed (evaluated at their end); an arm with training.ema has its last evaluation of its average
     paired intervals (over the held-out files, and the seeds where there are several): every arm - base and
         every two arms
     -> a console table, compare.json and compare.png in training.output_dir (compare-compute.* for compute)
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +100,24 @@ def run_arm(config: Config, console: Console, title: str, address: str | None) -
     return load_evaluations(run_dir, steps)
 
 
+def averaged_evaluation(config: Config, last: Evaluation, console: Console) -> Evaluation:
+    """An arm with training.ema is compared by its average, the model it saves (docs/method.md section 5): its last
+    evaluation is replaced by `ebft eval` of the last checkpoint's ema/ folder, on the same held-out chunks with
+    the same sampling seeds (kept beside the run's evaluations, so a finished arm is not evaluated again)."""
+    from ebft.evaluation import checkpoint_eval
+    from ebft.learner.checkpoint import EMA_DIR, checkpoint_path
+
+    run_dir = Path(config.training.output_dir)
+    output = run_dir / "evals" / f"ema_step_{last.step:08d}{checkpoint_eval.METRICS_SUFFIX}"
+    if not output.is_file():
+        averaged = checkpoint_path(run_dir / "checkpoints", last.step) / EMA_DIR
+        console.print(f"{run_dir.name}: evaluating its moving average {averaged}")
+        checkpoint_eval.run(str(averaged), config, output=str(output), progress=False)
+    evaluation, _ = checkpoint_eval.read_metrics(output)
+    check_same_chunks(evaluation, last)
+    return replace(evaluation, step=last.step)
+
+
 def finished(evaluations: list[Evaluation], config: Config) -> bool:
     """A run with a machine budget evaluates once, at its end; any other at training.steps."""
     last = evaluations[-1].step if evaluations else 0
@@ -146,6 +164,9 @@ def compare(config: Config, *, address: str | None = None, console: Console | No
         started = time.perf_counter()
         title = f"compare {index}/{len(runs)}: {arm.name} ({arm.method.upper()}, seed {seed})"
         evaluations[arm.name, seed] = run_arm(run_config, console, title, address)
+        if run_config.training.ema is not None:
+            *earlier, last = evaluations[arm.name, seed]
+            evaluations[arm.name, seed] = [*earlier, averaged_evaluation(run_config, last, console)]
         elapsed[arm.name, seed] = time.perf_counter() - started
         run_dir = Path(run_config.training.output_dir)
         machine_s[arm.name, seed] = arm_machine_seconds(run_dir, evaluations[arm.name, seed][-1].step)
