@@ -289,6 +289,11 @@ class Pools:
                 config.resources.rollout.num_actors,
                 self.groups["rollout"],
             )
+            if config.resources.rollout.on_gpu and not config.resources.rollout.whole_gpus:
+                # vLLM needs its share of the GPU free when it starts and counts other processes' growth during its
+                # memory profiling as its own: the pools that share the GPU start once the engines are up.
+                for index in range(len(self.rollout)):
+                    self.rollout.wait_until_started(index)
             self.features = ActorPool(
                 "features",
                 lambda i: create_feature_worker(
