@@ -238,6 +238,9 @@ class LoggingConfig(Section):
     project: str = "ebft"
     entity: str | None = None
     run_name: str | None = None
+    group: str | None = None
+    """The W&B group of the run. `ebft compare` puts every run of its arms in one (this, else the name of its
+    training.output_dir), each named after its folder (`sft`, `ebft-seed1`)."""
     samples_every: int = Field(10, ge=1)
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from ebft.cluster.compare import compare
 from ebft.config import ConfigError, build_config
+from ebft.evaluation.heldout import PAIRED_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -94,12 +95,33 @@ def test_sft_refuses_ebft_only_kl():
         build_config({"training": {"method": "sft"}, "loss": {"kl_coef": 0.1}})
 
 
+class RecordedRun:
+    """What a run sends to W&B, recorded in place of `wandb.init`."""
+
+    def __init__(self, **settings):
+        self.settings, self.logged, self.axes = settings, [], {}
+        self.id, self.url, self.dir = settings["name"], None, str(Path(settings["dir"]) / "wandb" / "files")
+
+    def define_metric(self, name, step_metric=None):
+        self.axes[name] = step_metric
+
+    def log(self, record):
+        self.logged.append(record)
+
+    def finish(self):
+        pass
+
+
 def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two(
-    local_ray, tiny_model_with_tokenizer, tmp_path
+    local_ray, tiny_model_with_tokenizer, tmp_path, monkeypatch
 ):
+    import wandb
+
+    recorded: list[RecordedRun] = []
+    monkeypatch.setattr(wandb, "init", lambda **settings: recorded.append(RecordedRun(**settings)) or recorded[-1])
     arms = [
         {"name": "high", "method": "sft", "overrides": {"optim.lr": 1e-3, "training.ema": 0.5}},
-        {"name": "low", "method": "sft", "overrides": {"optim.lr": 4e-3, "optim.schedule": "cosine"}},
+        {"name": "low", "method": "ebft", "overrides": {"optim.lr": 4e-3, "optim.schedule": "cosine"}},
     ]
     raw = tiny_run_config(
         tiny_model_with_tokenizer,
@@ -109,6 +131,7 @@ def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two
         eval={"every": 2, "num_docs": 2, "num_samples": 2},
         data={"max_examples": 30},
         compare={"arms": arms, "reference": "low"},
+        logging={"wandb_mode": "offline", "samples_every": 1},
     )
     console = Console(record=True, width=300)
     result = compare(build_config(raw), console=console)
@@ -136,3 +159,17 @@ def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two
         assert d["low"] <= d["mean"] <= d["high"]
     header = console.export_text()
     assert all(column in header for column in ("high - base", "low - base", "high - low", "high vs low"))
+
+    # W&B: the arms are runs of one group, each with its own config, the step axis, the metrics the table shows and,
+    # for EBFT, the samples table.
+    runs = {run.settings["name"]: run for run in recorded}
+    assert set(runs) == {"high", "low"} and {run.settings["group"] for run in recorded} == {"arms"}
+    assert [runs[name].settings["config"]["optim"]["lr"] for name in ("high", "low")] == [1e-3, 4e-3]
+    for name, run in runs.items():
+        assert run.axes["eval/*"] == run.axes["train/*"] == "step"
+        logged_lrs = [record["train/lr"] for record in run.logged if "train/lr" in record]
+        assert logged_lrs == [r["train/lr"] for r in rows(root / name) if "train/lr" in r]
+        evaluated = [record for record in run.logged if "eval/full_ce_loss" in record]
+        assert evaluated and all(metric in evaluated[-1] for metric in PAIRED_METRICS)
+    samples = [record for record in runs["low"].logged if "samples" in record]
+    assert [record["step"] for record in samples] == [0, 1] and len(samples[0]["samples"].data) > 0

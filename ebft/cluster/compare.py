@@ -14,6 +14,7 @@ Each run is an ordinary run in its own folder (<output_dir>/<arm>, with -compute
 -seed<s> for a seed other than training.seed): an interrupted compare started again reuses a finished run and
 resumes an unfinished one from its last checkpoint, and a compute-budget compare reuses the reference runs of an
 earlier steps-budget one.
+In W&B the runs are one group (logging.group, else the output folder's name), each named after its folder.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def arm_config(config: Config, arm: CompareArm, seed: int, machine_budget_s: flo
     base_run = arm.name == compare.reference_arm.name and seed == seeds_of(config)[0]
     raw["training"].update(method=arm.method, seed=seed, output_dir=str(Path(config.training.output_dir) / folder))
     raw["eval"].update(at_start=base_run, every=config.eval.every or config.training.steps)
+    raw["logging"].update(group=config.logging.group or Path(config.training.output_dir).name, run_name=folder)
     if arm.method == "sft":
         raw["loss"]["kl_coef"] = 0.0
     if machine_budget_s is not None:

@@ -72,6 +72,7 @@ class Monitor:
             project=logging_config.project,
             entity=logging_config.entity,
             name=logging_config.run_name,
+            group=logging_config.group,
             mode=logging_config.wandb_mode,
             dir=str(self.run_dir),
             config=self.config.model_dump(mode="json"),
