@@ -205,8 +205,9 @@ class Config(Section):
                 "detected'); set resources.learner.gpus_per_actor=1 or resources.learner.num_actors=1"
             )
         if r.rollout.on_gpu and not r.rollout.whole_gpus:
-            # vLLM needs the fraction free at its start-up snapshot, while the pools sharing the GPU start at the
-            # same time, and counts their growth during its memory profiling as its own: equal to the share fails.
+            # vLLM needs the fraction free at its start-up snapshot and counts other processes' growth during its
+            # memory profiling as its own; the other processes on the GPU (CUDA contexts, engines of the same pool)
+            # hold memory outside any share, so a fraction equal to the share is never free.
             share, utilization = r.rollout.gpus_per_actor, self.rollout.gpu_memory_utilization
             if utilization >= share:
                 raise ValueError(
