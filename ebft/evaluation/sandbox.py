@@ -17,6 +17,13 @@ and independent layers of protection:
 * an in-process guard that disables fork/exec/subprocess/sockets/ctypes before the program runs,
   which turns the usual cases into a clear `forbidden` outcome. Python code can get around it;
   the kernel mechanisms above are the boundary. `isolation_summary()` says which are active.
+
+The verdict comes back through a pipe, never from the program's output or exit status, in records
+that carry a per-run nonce the program is not given (see _sandbox_runner.py): printing a pass
+marker, exiting early with status 0, forking, or writing to the pipe cannot make a program pass.
+Tests run in the program's own interpreter, so code that reads that interpreter's memory (frames,
+the garbage collector, /proc/self/mem) or changes what the tests compare with (an object equal to
+everything) can still pass them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -83,6 +91,8 @@ class SandboxResult:
     detail: str  # one line: exception type and message, or why the program was stopped
     stderr: str  # last `stderr_chars` characters
     duration_s: float
+    # With `tests`: each test's outcome, in order; tests not reached get the run's outcome.
+    tests: tuple[Outcome, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -310,11 +320,34 @@ def _warn_once(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
-def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResult:
+def _parse_records(text: str, nonce: str, num_tests: int) -> tuple[list[tuple[str, str]], tuple[str, str] | None]:
+    """(test records, verdict) of the runner's lines, each (outcome name, detail); None when any
+    line lacks the nonce or is out of order: the program wrote to the pipe itself."""
+    tests: list[tuple[str, str]] = []
+    verdict = None
+    lines = text.split("\n")
+    if lines[-1]:  # a record is cut short only when a process wrote a partial line
+        return None
+    for line in lines[:-1]:
+        fields = line.split(" ", 4)
+        if fields[0] != nonce or verdict is not None:
+            return None
+        if fields[1:2] == ["verdict"] and len(fields) >= 3:
+            verdict = (fields[2], " ".join(fields[3:]))
+        elif fields[1:3] == ["test", str(len(tests))] and len(fields) == 5 and len(tests) < num_tests:
+            tests.append((fields[3], fields[4]))
+        else:
+            return None
+    return tests, verdict
+
+
+def run_program(source: str, limits: SandboxLimits | None = None, tests: Sequence[str] | None = None) -> SandboxResult:
     """Run one Python program (e.g. solution + tests) in the sandbox and classify the result.
 
     The program passes when it runs to the end without raising; a failed `assert` gives
-    `Outcome.ASSERTION`. Raises SandboxError only when the sandbox itself cannot start."""
+    `Outcome.ASSERTION`. With `tests`, each test (a piece of code) then runs in the program's
+    globals, and the result gives every test's outcome; the run passes when all of them do.
+    Raises SandboxError only when the sandbox itself cannot start."""
     limits = limits or SandboxLimits()
     prefix = namespace_prefix() if limits.isolate_namespaces else ()
     cgroup_parent = pids_cgroup_parent() if limits.use_cgroup else None
@@ -325,8 +358,9 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
             "unprivileged uid can read: no kernel cap on the process count (the in-process "
             "guard and the wall-clock kill still apply)"
         )
+    nonce = secrets.token_hex(16)
     run_dir = tempfile.mkdtemp(prefix="ebft-sandbox-")
-    read_fd = write_fd = -1
+    read_fd = write_fd = nonce_fd = -1
     cgroup = None
     try:
         work_dir = os.path.join(run_dir, "work")
@@ -334,6 +368,11 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
         program_path = os.path.join(work_dir, "program.py")
         with open(program_path, "w", encoding="utf-8") as f:
             f.write(source)
+        tests_path = ""
+        if tests is not None:
+            tests_path = os.path.join(run_dir, "tests.json")  # read by the runner before the privilege drop
+            with open(tests_path, "w", encoding="utf-8") as f:
+                json.dump(list(tests), f)
         if drop_id >= 0:
             os.chmod(run_dir, 0o711)  # traversable for the unprivileged uid, not listable
             for path in (work_dir, program_path):
@@ -344,9 +383,14 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
             except OSError as error:
                 raise SandboxError(f"could not create a pids cgroup: {error}") from error
         read_fd, write_fd = os.pipe()
+        nonce_fd, nonce_write_fd = os.pipe()
+        os.write(nonce_write_fd, nonce.encode("ascii"))
+        os.close(nonce_write_fd)
         config = {
             "program": program_path,
+            "tests": tests_path,
             "result_fd": write_fd,
+            "nonce_fd": nonce_fd,
             "memory": limits.memory_bytes,
             "cpu": limits.effective_cpu_time_s,
             "fsize": limits.max_file_bytes,
@@ -368,13 +412,14 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=stderr_file,
-                    pass_fds=(write_fd,),
+                    pass_fds=(write_fd, nonce_fd),
                     start_new_session=True,
                 )
             except OSError as error:
                 raise SandboxError(f"could not start the sandboxed interpreter: {error}") from error
-        os.close(write_fd)
-        write_fd = -1
+        for fd in (write_fd, nonce_fd):
+            os.close(fd)
+        write_fd = nonce_fd = -1
         try:
             finished = _wait_for_exit_without_reaping(process.pid, limits.timeout_s)
         finally:
@@ -393,32 +438,50 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
                 cgroup.kill_all_and_remove()
                 cgroup = None
         duration = time.monotonic() - start
-        verdict = _read_available(read_fd).decode("utf-8", "replace")
+        records = _read_available(read_fd).decode("utf-8", "replace")
         stderr = _tail(stderr_path, limits.stderr_chars)
     finally:
         if cgroup is not None:
             cgroup.kill_all_and_remove()
-        for fd in (read_fd, write_fd):
+        for fd in (read_fd, write_fd, nonce_fd):
             if fd >= 0:
                 os.close(fd)
         shutil.rmtree(run_dir, ignore_errors=True)
 
+    num_tests = 0 if tests is None else len(tests)
+    parsed = _parse_records(records, nonce, num_tests)
+    test_records, verdict = parsed if parsed is not None else ([], None)
+    if verdict is not None and verdict[0] == "sandbox_error":
+        raise SandboxError(f"the sandbox could not set up: {verdict[1]}\n{stderr}")
     if not finished:
-        return SandboxResult(Outcome.TIMEOUT, f"wall-clock limit of {limits.timeout_s:g} s exceeded", stderr, duration)
-    outcome_name, _, detail = verdict.partition("\n")
-    if outcome_name == "sandbox_error":
-        raise SandboxError(f"the sandbox could not set up: {detail}\n{stderr}")
-    if outcome_name in Outcome._value2member_map_:
-        return SandboxResult(Outcome(outcome_name), detail, stderr, duration)
-    outcome, detail = _classify_without_verdict(process.returncode, stderr, bool(prefix))
-    return SandboxResult(outcome, detail, stderr, duration)
+        outcome, detail = Outcome.TIMEOUT, f"wall-clock limit of {limits.timeout_s:g} s exceeded"
+    elif parsed is None:
+        outcome, detail = Outcome.RUNTIME, "the program wrote to the verdict pipe"
+    elif verdict is not None and verdict[0] in Outcome._value2member_map_:
+        outcome, detail = Outcome(verdict[0]), verdict[1]
+    else:
+        outcome, detail = _classify_without_verdict(process.returncode, stderr, bool(prefix))
+    test_outcomes = [
+        Outcome(name) if name in Outcome._value2member_map_ else Outcome.RUNTIME for name, _ in test_records
+    ]
+    test_outcomes += [outcome] * (num_tests - len(test_outcomes))
+    return SandboxResult(outcome, detail, stderr, duration, tuple(test_outcomes))
 
 
-def run_programs(sources: Sequence[str], limits: SandboxLimits | None = None, workers: int = 2) -> list[SandboxResult]:
-    """Run many programs, at most `workers` at a time; results are in input order.
+def run_programs(
+    sources: Sequence[str],
+    limits: SandboxLimits | None = None,
+    workers: int = 2,
+    tests: Sequence[Sequence[str]] | None = None,
+) -> list[SandboxResult]:
+    """Run many programs, at most `workers` at a time; results are in input order. `tests`, when
+    given, holds each program's tests (see run_program).
 
     Threads are enough for the pool: each one only waits on its own subprocess."""
     if not sources:
         return []
+    if tests is not None and len(tests) != len(sources):
+        raise ValueError(f"{len(tests)} test lists for {len(sources)} programs")
+    jobs = list(zip(sources, tests if tests is not None else [None] * len(sources)))
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sources)))) as pool:
-        return list(pool.map(lambda source: run_program(source, limits), sources))
+        return list(pool.map(lambda job: run_program(job[0], limits, job[1]), jobs))

@@ -1,0 +1,1 @@
+"""Verifiable rewards for RLVR: code run against unit tests in the sandbox, translations against a reference."""
