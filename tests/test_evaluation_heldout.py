@@ -21,7 +21,7 @@ from ebft.evaluation.checkpoint_eval import (
 )
 from ebft.evaluation.code import HUMANEVAL_STOP_SEQUENCES
 from ebft.evaluation.heldout import HeldoutEvaluator
-from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
+from ebft.evaluation.humaneval import code_eval, humaneval_problems
 from ebft.features.extractor import FeatureExtractor
 from ebft.learner.loss import chunks_document_ce
 from ebft.messages import ChunkBatch, RolloutBatch
@@ -170,7 +170,7 @@ def test_humaneval_pass_at_k_from_known_completions():
         calls.append(dict(prompts=prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop))
         return [samples[i] for i in range(len(prompts))]
 
-    metrics = run_code_eval(complete, problems, config)
+    metrics, per_problem = code_eval(complete, problems, config)
     (call,) = calls
     assert call["prompts"] == [p.prompt for p in problems]
     assert (call["n"], call["temperature"], call["max_tokens"]) == (2, 0.8, 64)
@@ -181,6 +181,8 @@ def test_humaneval_pass_at_k_from_known_completions():
     assert metrics["eval/humaneval/outcome/assertion"] == 2
     assert metrics["eval/humaneval/outcome/syntax"] == 1
     assert metrics["eval/humaneval/num_problems"] == 3
+    # Each problem's own pass@k, what pairs two evaluations problem by problem: 2/2, 0/2, 1/2 correct.
+    assert per_problem == {"eval/humaneval/pass@1": [1.0, 0.0, 0.5], "eval/humaneval/pass@2": [1.0, 0.0, 1.0]}
 
 
 def test_missing_model_is_a_config_error_before_any_work(tmp_path, monkeypatch, capsys):

@@ -36,6 +36,7 @@ from ebft.model_sources import resolve_run_models
 if TYPE_CHECKING:
     from ebft.config_sections import CompareArm
 
+HUMANEVAL_PASS1 = "eval/humaneval/pass@1"
 # An arm under a compute budget trains at most this many times the reference's steps (its budget usually ends it
 # first: an SFT step costs S/T times less on the learner alone).
 COMPUTE_BUDGET_MAX_STEPS = 50
@@ -189,16 +190,22 @@ def _interval(difference: Difference) -> dict[str, float]:
 
 
 def seeded_differences(after: list[Evaluation], before: list[Evaluation]) -> dict[str, Difference]:
-    """after[s] - before[s] over the seeds s and the held-out chunks, for every per-chunk metric."""
+    """after[s] - before[s] over the seeds s and the held-out chunks for every per-chunk metric, and over the seeds
+    and the HumanEval problems for every pass@k the evaluations share."""
     for a, b in zip(after, before):
         check_same_chunks(a, b)
-    return {
+    differences = {
         name: seeded_paired_difference(
             [a.per_chunk[name] for a in after], [b.per_chunk[name] for b in before], after[0].groups
         )
         for name in PAIRED_METRICS
         if all(name in e.per_chunk for e in after + before)
     }
+    for name in after[0].per_problem:
+        values = [e.per_problem.get(name) for e in after + before]
+        if all(v is not None and len(v) == len(values[0]) for v in values):
+            differences[name] = seeded_paired_difference(values[: len(after)], values[len(after) :])
+    return differences
 
 
 def summarize(config: Config, base: Evaluation, evaluations, elapsed, machine_s) -> dict[str, Any]:
@@ -213,7 +220,7 @@ def summarize(config: Config, base: Evaluation, evaluations, elapsed, machine_s)
         name: [
             {
                 "step": e.step,
-                **{metric: e.metrics[metric] for metric in PAIRED_METRICS},
+                **{metric: e.metrics[metric] for metric in (*PAIRED_METRICS, HUMANEVAL_PASS1) if metric in e.metrics},
                 "vs_base": {metric: _interval(d) for metric, d in paired_differences(e, base).items()},
             }
             for e in ([] if evaluations[name, first][0].step == 0 else [base]) + evaluations[name, first]
@@ -244,6 +251,7 @@ def summarize(config: Config, base: Evaluation, evaluations, elapsed, machine_s)
             "chunks": len(base.chunk_ids),
             "files": len(set(base.groups)),
             "samples_per_block": config.eval.num_samples,
+            "humaneval_problems": len(next(iter(base.per_problem.values()), [])),
         },
         "metrics": {
             "base": base.metrics,

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ebft.evaluation.heldout import PAIRED_METRICS, paired_differences
+from ebft.evaluation.heldout import paired_differences
 
 SHOWN = (
     ("eval/full_ce_loss", "held-out CE"),
@@ -20,6 +20,7 @@ SHOWN = (
 )
 LABELS = {**dict(SHOWN), "eval/cfm_plugin": "held-out CFM, plug-in"}
 PLOTTED = ("eval/full_ce_loss", "eval/cfm")
+PASS1, CE = "eval/humaneval/pass@1", "eval/full_ce_loss"
 
 
 def print_summary(summary, console: Console | None = None) -> None:
@@ -89,9 +90,10 @@ def print_table(result: dict[str, Any], console: Console) -> None:
     else:
         after = f"after {result['steps']} steps"
     over = f"{len(seeds)} training seeds and " if len(seeds) > 1 else ""
+    problems = f", {held['humaneval_problems']} HumanEval problems" if held.get("humaneval_problems") else ""
     table = Table(
         title=f"{' vs '.join(labels.values())} {after}: {over}{held['chunks']} held-out chunks from {held['files']} "
-        f"files, {held['samples_per_block']} samples per block"
+        f"files, {held['samples_per_block']} samples per block{problems}"
         + (" (each arm: its mean over the seeds)" if len(seeds) > 1 else "")
         + "; change [95% paired interval], * = interval excludes 0",
         title_justify="left",
@@ -105,12 +107,12 @@ def print_table(result: dict[str, Any], console: Console) -> None:
     for column in ("metric", *columns.values(), *pair_labels.values()):
         table.add_column(column, justify="left" if column == "metric" else "right")
     metrics = result["metrics"]
-    for name in PAIRED_METRICS:
+    for name in next(iter(differences.values())):  # the held-out metrics, then HumanEval pass@k where it ran
         cells = [f"{metrics[arm][name]:.4f}" for arm in columns]
         for label in pair_labels:
             d = differences[label][name]
             cells.append(f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{'*' if d['significant'] else ' '}")
-        table.add_row(LABELS[name], *cells)
+        table.add_row(LABELS.get(name, name.replace("eval/humaneval/", "HumanEval ")), *cells)
     console.print(table)
 
 
@@ -119,15 +121,21 @@ def _seconds(value: float | list[float]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Each arm's held-out curves (its first seed) with the band of its paired change since the base."""
+    """Each arm's held-out curves (its first seed) with the band of its paired change since the base; where HumanEval
+    ran, the paper's Figure 1 beside them: each arm's path in the (HumanEval pass@1, held-out CE) plane over its
+    evaluations, with the paired 95% intervals against the base (over the seeds, where several) at its end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(6 * len(PLOTTED), 4), squeeze=False)
     base = result["metrics"]["base"]
+    plane = PASS1 in base
+    panels = len(PLOTTED) + plane
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if plane:
+        _plot_plane(axes.flat[-1], result, colors)
     for ax, name in zip(axes.flat, PLOTTED):
         for arm, color in zip(result["arms"], colors):
             points = result["curves"][arm["name"]]
@@ -145,3 +153,22 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_plane(ax, result: dict[str, Any], colors) -> None:
+    base, metrics = result["metrics"]["base"], result["metrics"]
+    ax.plot([base[PASS1]], [base[CE]], marker="s", color="gray", linestyle="none", label="base")
+    for arm, color in zip(result["arms"], colors):
+        name = arm["name"]
+        points = [p for p in result["curves"][name] if PASS1 in p]
+        ax.plot([p[PASS1] for p in points], [p[CE] for p in points], marker="o", color=color, label=arm_label(arm))
+        d = result["differences"][f"{name} - base"]
+        x, y = metrics[name][PASS1], metrics[name][CE]
+        xerr = [[x - base[PASS1] - d[PASS1]["low"]], [base[PASS1] + d[PASS1]["high"] - x]]
+        yerr = [[y - base[CE] - d[CE]["low"]], [base[CE] + d[CE]["high"] - y]]
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, color=color, capsize=3)
+    ax.set_xlabel("HumanEval pass@1")
+    ax.set_ylabel("held-out CE")
+    ax.set_title("accuracy vs held-out CE (95% paired intervals vs base at the end)")
+    ax.grid(alpha=0.3)
+    ax.legend()

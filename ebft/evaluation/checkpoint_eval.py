@@ -24,7 +24,7 @@ import torch
 from ebft.actor_resources import actor_device
 from ebft.config import Config, ConfigError
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, check_same_chunks, paired_differences
-from ebft.evaluation.humaneval import CompleteFn, humaneval_problems, run_code_eval
+from ebft.evaluation.humaneval import CompleteFn, code_eval, humaneval_problems
 from ebft.evaluation.stats import Difference
 from ebft.evaluation.translation import TranslationExample, load_translation_jsonl, score_translations
 from ebft.learner.loss import chunks_document_ce
@@ -216,6 +216,7 @@ def write_metrics(
         "groups": evaluation.groups,
         "per_chunk": evaluation.per_chunk,
         "measured": evaluation.measured,
+        "per_problem": evaluation.per_problem,
         "config": config.model_dump(mode="json"),
     }
     if against is not None:
@@ -332,6 +333,7 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         plain = config.model_copy(update={"model": config.model.model_copy(update={"lora": None})})
         worker = RolloutWorker(plain, plan.model_path, max_model_len=needed_length)
     metrics: dict[str, float] = {}
+    per_problem: dict[str, list[float]] = {}
     try:
         chunks, n = evaluator.chunks, config.eval.num_samples
         with stages.stage(
@@ -341,7 +343,9 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         if problems:
             samples = config.eval.num_completions
             with stages.stage(f"HumanEval: {len(problems)} problems x {samples} samples, sandboxed"):
-                metrics.update(run_code_eval(worker.complete, problems, config))
+                code = code_eval(worker.complete, problems, config)
+                metrics.update(code.metrics)
+                per_problem = code.per_problem
         if plan.translation:
             with stages.stage(f"translation: {len(plan.translation)} sources"):
                 metrics.update(run_translation_eval(worker.complete, plan.translation, config))
@@ -351,7 +355,7 @@ def _sample_with_engine(plan: EvalPlan, config: Config, evaluator: HeldoutEvalua
         gc.collect()
         if config.resources.rollout.on_gpu:
             torch.cuda.empty_cache()
-    return rollouts, metrics
+    return rollouts, metrics, per_problem
 
 
 def run(
@@ -383,7 +387,7 @@ def run(
             evaluator = HeldoutEvaluator(config, *_load_heldout(plan, config))
         # A baseline that cannot be paired fails now, not after the evaluation.
         baseline = None if against is None else load_baseline(against, evaluator, plan.feature_model_path)
-        rollouts, generation_metrics = _sample_with_engine(plan, config, evaluator, problems, stages)
+        rollouts, generation_metrics, per_problem = _sample_with_engine(plan, config, evaluator, problems, stages)
 
         def cached_rollouts(chunks: ChunkBatch, num_samples: int) -> RolloutBatch:
             if chunks is not evaluator.chunks or num_samples != config.eval.num_samples:
@@ -406,6 +410,7 @@ def run(
         metrics = evaluation.metrics
         metrics["eval/heldout/num_chunks"] = float(num_docs)
         metrics.update(generation_metrics)
+        evaluation.per_problem.update(per_problem)
 
     elapsed = time.perf_counter() - started
     out = Console()

@@ -48,6 +48,8 @@ class Evaluation:
     per_chunk: dict[str, list[float]]
     measured: dict[str, Any] = field(default_factory=dict)
     """What the values measure (`measurement`): two evaluations pair only if these agree (empty in older files)."""
+    per_problem: dict[str, list[float]] = field(default_factory=dict)
+    """HumanEval pass@k of each problem (eval/humaneval/pass@k), in the problems' order."""
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,8 @@ class Evaluation:
     def from_record(cls, record: dict) -> Evaluation:
         """From a saved evaluation, or the metrics JSON of `ebft eval` (which has no step, and more keys)."""
         fields = {name: record[name] for name in ("metrics", "chunk_ids", "groups", "per_chunk")}
-        return cls(step=record.get("step", 0), measured=record.get("measured", {}), **fields)
+        extra = {"measured": record.get("measured", {}), "per_problem": record.get("per_problem", {})}
+        return cls(step=record.get("step", 0), **extra, **fields)
 
 
 def measurement(config: Config, chunks: ChunkBatch) -> dict[str, Any]:

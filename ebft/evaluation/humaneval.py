@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from ebft.config import Config
 from ebft.evaluation.code import HUMANEVAL_STOP_SEQUENCES, CodeProblem, load_humaneval, score_completions
+from ebft.evaluation.passk import pass_at_k
 from ebft.evaluation.sandbox import SandboxLimits, isolation_summary
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,12 @@ METRIC_PREFIX = "eval/humaneval/"
 # pass@k is reported for these k (and for k = n) when there are at least k samples per problem.
 STANDARD_K = (1, 10, 100)
 MAX_SANDBOX_WORKERS = 8
+
+
+class CodeEval(NamedTuple):
+    metrics: dict[str, float]
+    per_problem: dict[str, list[float]]
+    """eval/humaneval/pass@k -> each problem's unbiased pass@k, in the problems' order: what pairs two evaluations."""
 
 
 def humaneval_problems(count: int) -> list[CodeProblem]:
@@ -56,10 +64,15 @@ def generate_completions(complete: CompleteFn, problems: Sequence[CodeProblem], 
 
 
 def run_code_eval(complete: CompleteFn, problems: Sequence[CodeProblem], config: Config) -> dict[str, float]:
+    """The metrics of `code_eval` alone."""
+    return code_eval(complete, problems, config).metrics
+
+
+def code_eval(complete: CompleteFn, problems: Sequence[CodeProblem], config: Config) -> CodeEval:
     """eval/humaneval/pass@k (unbiased; k = 1, and n when more samples are drawn) and the count of
-    samples per outcome (eval/humaneval/outcome/passed, .../syntax, .../timeout, ...)."""
+    samples per outcome (eval/humaneval/outcome/passed, .../syntax, .../timeout, ...), and pass@k per problem."""
     if not problems:
-        return {}
+        return CodeEval({}, {})
     completions = generate_completions(complete, problems, config)
     limits = SandboxLimits(timeout_s=config.eval.timeout_s)
     log.info("running generated code in the sandbox: %s", isolation_summary(limits))
@@ -72,4 +85,8 @@ def run_code_eval(complete: CompleteFn, problems: Sequence[CodeProblem], config:
     )
     metrics = report.metrics(prefix=METRIC_PREFIX)
     metrics[f"{METRIC_PREFIX}num_problems"] = float(report.num_problems)
-    return {name: float(value) for name, value in metrics.items()}
+    per_problem = {
+        f"{METRIC_PREFIX}pass@{k}": [pass_at_k(p.num_samples, p.num_correct, k) for p in report.problems]
+        for k in k_values(config.eval.num_completions)
+    }
+    return CodeEval({name: float(value) for name, value in metrics.items()}, per_problem)
