@@ -354,8 +354,9 @@ def test_a_gloo_run_survives_each_fault_and_trains_every_chunk_once(
     nor raises), and with engines in vLLM's V1 multiprocessing as on GPUs: SIGKILL a rollout actor after a training
     row, or while the learner's second push waits on it; freeze one (SIGSTOP) as that push starts; SIGKILL an
     engine's EngineCore alone, or the learner's rank after two rows or inside its second push. The run finishes
-    with every scheduled chunk trained exactly once and nothing left running; where the learner was restarted (from
-    the base weights: no checkpoint before the end), it ends with the uninterrupted run's weights."""
+    with every scheduled chunk trained exactly once, nothing left running, and the uninterrupted run's weights (a
+    replaced rollout actor regenerates what was lost; a restarted learner goes back to the base weights, as no
+    checkpoint was saved before the end)."""
     from ebft.cluster.train import run
     from ebft.learner.group import LearnerGroup
 
@@ -387,11 +388,11 @@ def test_a_gloo_run_survives_each_fault_and_trains_every_chunk_once(
     assert time.monotonic() - started < 600, "a wait took its bound several times over"
     assert not engine_cores_left(), "an EngineCore outlived its rollout actor"
     thaw(killed)
-    if victim == "LearnerRankActor":
-        restarted = safetensors.torch.load_file(str(summary.checkpoint / "model.safetensors"))
-        straight = safetensors.torch.load_file(str(straight_gloo_run.checkpoint / "model.safetensors"))
-        for name, value in straight.items():
-            torch.testing.assert_close(restarted[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    # What a replaced actor regenerates is what the lost one would have sampled: the same weights at the end.
+    survived = safetensors.torch.load_file(str(summary.checkpoint / "model.safetensors"))
+    straight = safetensors.torch.load_file(str(straight_gloo_run.checkpoint / "model.safetensors"))
+    for name, value in straight.items():
+        torch.testing.assert_close(survived[name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def engine_cores_left(wait_s: float = 15.0) -> list:
