@@ -56,3 +56,14 @@ def test_every_shipped_config_builds_every_run_of_its_compare(path):
         for seed in seeds_of(config):
             run = arm_config(config, arm, seed)
             assert run.training.method == arm.method and run.training.seed == seed
+
+
+def test_an_arm_keeps_its_own_warmup_steps_over_a_compute_budget():
+    from ebft.learner.deepspeed_setup import lr_factor
+
+    sft = {"name": "sft", "method": "sft", "overrides": {"optim.warmup_fraction": 0.25}}
+    config = build_config({"training": {"steps": 20}, "compare": {"budget": "compute", "arms": [ARMS[0], sft]}})
+    run = arm_config(config, config.compare.arms[1], 0, machine_budget_s=5.0)
+    # ceil(0.25 * 20) = 5 warmup steps, as the arm would have at equal steps, though it may now train 50 times longer.
+    assert run.training.steps == 1000
+    assert [lr_factor(i, run) for i in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0], rel=1e-12)

@@ -74,10 +74,15 @@ def arm_config(config: Config, arm: CompareArm, seed: int, machine_budget_s: flo
                 f"compare.arms {arm.name}: a cosine schedule spans training.steps, but at compare.budget=compute the "
                 "arm's length is its machine time: give it optim.schedule=constant, or compare at compare.budget=steps"
             )
-        steps, warmup = COMPUTE_BUDGET_MAX_STEPS * config.training.steps, warmup_steps(config)
+        # The arm's own warmup steps, kept over its longer horizon.
+        steps, warmup = COMPUTE_BUDGET_MAX_STEPS * config.training.steps, warmup_steps(_arm_run(raw, arm))
         raw["training"].update(steps=steps, machine_budget_s=machine_budget_s)
         raw["optim"]["warmup_fraction"] = (warmup - 0.5) / steps if warmup else 0.0  # ceil() gives back `warmup`
         raw["eval"]["every"] = steps
+    return _arm_run(raw, arm)
+
+
+def _arm_run(raw: dict[str, Any], arm: CompareArm) -> Config:
     try:
         return build_config(raw)
     except ConfigError as error:
