@@ -14,8 +14,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 
 LIMITS = SandboxLimits(timeout_s=10, memory_bytes=512 * 1024**2)
 ADD = CodeTask(
+    "Write a function add(a, b) that returns the sum of a and b.",
     tests=("assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"),
-    prompt="Write a function add(a, b) that returns the sum of a and b.",
 )
 CORRECT = "```python\ndef add(a, b):\n    return a + b\n```"
 
@@ -140,7 +140,7 @@ def test_replacing_builtins_the_harness_uses_does_not_pass_failing_tests():
 
 
 def test_rewards_of_a_batch_keep_their_task_and_completion():
-    square = CodeTask(tests=("assert square(3) == 9", "assert square(-2) == 4"), prompt="Write square(x).")
+    square = CodeTask("Write square(x).", tests=("assert square(3) == 9", "assert square(-2) == 4"))
     completions = [
         [CORRECT, "def add(a, b):\n    return abs(a) + b\n", "def add(a, b):\n    return -1\n"],
         ["def square(x):\n    return x * abs(x)\n", "def square(x):\n    return x ** 2\n"],
@@ -162,6 +162,17 @@ def test_at_most_workers_programs_run_at_once():
 
 def test_a_task_needs_tests_and_completions_per_task():
     with pytest.raises(ValueError):
-        CodeTask(tests=())
+        CodeTask(ADD.prompt, tests=())
+    with pytest.raises(ValueError):
+        CodeTask(" ", tests=ADD.tests)
     with pytest.raises(ValueError):
         code_rewards([ADD], [[CORRECT], [CORRECT]], LIMITS)
+
+
+def test_many_tests_with_long_failure_messages_all_come_back():
+    # ~1 MB of records, far more than a pipe holds: the sandbox reads them while the program runs.
+    failing = "assert add(1, 1) == 3, 'long message ' * 100"
+    task = CodeTask(ADD.prompt, tests=(failing,) * 2000 + ("assert add(1, 1) == 2",))
+    reward = reward_of("def add(a, b):\n    return a + b\n", task, SandboxLimits(timeout_s=60))
+    assert reward.test_outcomes == (Outcome.ASSERTION,) * 2000 + (Outcome.PASSED,)
+    assert reward.fraction_passed == pytest.approx(1 / 2001)

@@ -235,9 +235,10 @@ class _PidsCgroup:
                 time.sleep(0.01)
 
 
-def _wait_for_exit_without_reaping(pid: int, timeout_s: float) -> bool:
+def _wait_for_exit_without_reaping(pid: int, timeout_s: float, records: _PipeReader) -> bool:
     """Wait until `pid` exits but leave it a zombie, so its process-group id stays reserved
-    for the group kill that follows (no risk of signalling a recycled group)."""
+    for the group kill that follows (no risk of signalling a recycled group). The records pipe is
+    drained meanwhile, so a run with many tests never blocks on a full pipe."""
     deadline = time.monotonic() + timeout_s
     flags = os.WEXITED | os.WNOWAIT
     try:
@@ -250,9 +251,10 @@ def _wait_for_exit_without_reaping(pid: int, timeout_s: float) -> bool:
             if remaining <= 0:
                 return False
             if pidfd is not None:
-                select.select([pidfd], [], [], remaining)
+                select.select([pidfd, *records.watched()], [], [], remaining)
             else:
                 time.sleep(min(0.01, remaining))
+            records.read()
         return True
     finally:
         if pidfd is not None:
@@ -275,17 +277,31 @@ def _open_children(pid: int) -> list[int]:
     return pidfds
 
 
-def _read_available(fd: int) -> bytes:
-    """What is in the pipe now: the verdict is written before the program exits, and a process
-    that escaped every kill may still hold the write end, so never wait for end-of-file."""
-    os.set_blocking(fd, False)
-    chunks = []
-    try:
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    except BlockingIOError:
-        pass
-    return b"".join(chunks)
+class _PipeReader:
+    """Collects what is written to the records pipe; reads never block. The records are written before
+    the program exits, and a process that escaped every kill may still hold the write end, so the
+    final read takes what is there and never waits for end-of-file."""
+
+    def __init__(self, fd: int):
+        self.fd, self.open = fd, True
+        os.set_blocking(fd, False)
+        self.chunks: list[bytes] = []
+
+    def watched(self) -> list[int]:
+        return [self.fd] if self.open else []
+
+    def read(self) -> None:
+        try:
+            while self.open:
+                chunk = os.read(self.fd, 65536)
+                self.chunks.append(chunk)
+                self.open = bool(chunk)  # end-of-file: every writer closed it
+        except BlockingIOError:
+            pass
+
+    def text(self) -> str:
+        self.read()
+        return b"".join(self.chunks).decode("utf-8", "replace")
 
 
 def _tail(path: str, chars: int) -> str:
@@ -420,8 +436,9 @@ def run_program(source: str, limits: SandboxLimits | None = None, tests: Sequenc
         for fd in (write_fd, nonce_fd):
             os.close(fd)
         write_fd = nonce_fd = -1
+        records_pipe = _PipeReader(read_fd)
         try:
-            finished = _wait_for_exit_without_reaping(process.pid, limits.timeout_s)
+            finished = _wait_for_exit_without_reaping(process.pid, limits.timeout_s, records_pipe)
         finally:
             # Kill whatever the program left behind (or the program itself on timeout), then reap.
             # The namespace's PID 1 exits only after every process in the namespace is gone.
@@ -438,7 +455,7 @@ def run_program(source: str, limits: SandboxLimits | None = None, tests: Sequenc
                 cgroup.kill_all_and_remove()
                 cgroup = None
         duration = time.monotonic() - start
-        records = _read_available(read_fd).decode("utf-8", "replace")
+        records = records_pipe.text()
         stderr = _tail(stderr_path, limits.stderr_chars)
     finally:
         if cgroup is not None:

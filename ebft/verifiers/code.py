@@ -17,11 +17,14 @@ from ebft.evaluation.sandbox import Outcome, SandboxLimits, run_programs
 
 @dataclass(frozen=True)
 class CodeTask:
+    prompt: str  # the question, or the code the completion continues
     tests: tuple[str, ...]  # pieces of test code, e.g. "assert add(1, 2) == 3"; each one is a test
-    prompt: str = ""  # the question, or the code the completion continues
     entry_point: str | None = None  # the function the tests call, when the prompt names one
 
     def __post_init__(self) -> None:
+        # An empty prompt would pass for code the completion continues, and only a function body is kept.
+        if not self.prompt.strip():
+            raise ValueError("a code task needs its prompt")
         if not self.tests:
             raise ValueError("a code task needs at least one test")
 
