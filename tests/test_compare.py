@@ -173,3 +173,39 @@ def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two
         assert evaluated and all(metric in evaluated[-1] for metric in PAIRED_METRICS)
     samples = [record for record in runs["low"].logged if "samples" in record]
     assert [record["step"] for record in samples] == [0, 1] and len(samples[0]["samples"].data) > 0
+
+
+def test_compare_seeds_train_every_arm_per_seed_and_pool_them(local_ray, tiny_model_with_tokenizer, tmp_path):
+    arms = [
+        {"name": "a", "method": "sft", "overrides": {"optim.lr": 1e-3}},
+        {"name": "b", "method": "sft", "overrides": {"optim.lr": 3e-3}},
+    ]
+    raw = tiny_run_config(
+        tiny_model_with_tokenizer,
+        tmp_path / "seeds",
+        training={"steps": 1, "max_staleness": 0},
+        eval={"every": 1, "num_docs": 2, "num_samples": 2},
+        data={"max_examples": 30},
+        compare={"arms": arms, "seeds": [0, 5]},
+    )
+    console = Console(record=True, width=300)
+    result = compare(build_config(raw), console=console)
+    root = tmp_path / "seeds"
+    first_ce = {
+        run: next(r["train/ce_loss"] for r in rows(root / run) if "train/ce_loss" in r)
+        for run in ("a", "b", "a-seed5", "b-seed5")
+    }
+    # Both arms start from the base on the same chunks at a seed (the same first loss); another seed orders them anew.
+    assert first_ce["a"] == first_ce["b"] and first_ce["a-seed5"] == first_ce["b-seed5"]
+    assert first_ce["a"] != first_ce["a-seed5"]
+    # Only the reference's first seed evaluated the base; the difference pools both seeds' chunks.
+    assert sorted(p.name for p in (root / "a" / "evals").glob("step_*.json"))[0] == "step_00000000.json"
+    assert all(not (root / run / "evals" / "step_00000000.json").exists() for run in ("b", "a-seed5", "b-seed5"))
+
+    def final(run):
+        return json.loads((root / run / "evals" / "step_00000001.json").read_text())["per_chunk"]["eval/cfm"]
+
+    pooled = [x - y for s in ("", "-seed5") for x, y in zip(final(f"a{s}"), final(f"b{s}"))]
+    d = result["differences"]["a - b"]["eval/cfm"]
+    assert d["mean"] == pytest.approx(sum(pooled) / len(pooled), rel=1e-9) and d["low"] <= d["mean"] <= d["high"]
+    assert result["seeds"] == [0, 5] and "2 training seeds" in console.export_text()
