@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -105,10 +106,12 @@ def test_console_script_runs_without_traceback(config_file):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_runs_process_group_stops_it_like_ctrl_c(tiny_model_with_tokenizer, tmp_path):
-    """`timeout`, a scheduler's cancel or a service manager send SIGTERM to the whole process group of
-    `ebft train`, which holds the local Ray cluster it started: the run still finishes its step, saves a checkpoint
-    and leaves nothing running."""
+@pytest.mark.parametrize("to", ["group", "every process"])
+def test_sigterm_stops_a_local_run_as_ctrl_c_does(tiny_model_with_tokenizer, tmp_path, to):
+    """`timeout` and a batch scheduler's cancel send SIGTERM to the whole process group of `ebft train`, which holds
+    the local Ray cluster it started: the run still finishes its step, saves a checkpoint and leaves nothing running.
+    A service manager or a scheduler that signals every process of the job ends Ray's processes too: the run then
+    restarts nothing, says what `--resume` continues from (no checkpoint yet here) and exits at once."""
     from ebft.learner.checkpoint import checkpoint_path, latest_checkpoint
 
     run_dir = tmp_path / "run"
@@ -135,17 +138,30 @@ def test_sigterm_to_the_runs_process_group_stops_it_like_ctrl_c(tiny_model_with_
         assert trained_steps(), log.read_text()[-3000:]
         started = psutil.Process(driver.pid).children(recursive=True)
         assert any("raylet" in process.name() for process in started)  # the run started its own Ray cluster
-        os.killpg(driver.pid, signal.SIGTERM)
-        time.sleep(0.5)
-        os.kill(driver.pid, signal.SIGTERM)  # `timeout` sends it to the group and to its child: one stop still
-        assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
+        signalled = time.monotonic()
+        if to == "group":
+            os.killpg(driver.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            os.kill(driver.pid, signal.SIGTERM)  # `timeout` sends it to the group and to its child: one stop still
+        else:
+            for process in [psutil.Process(driver.pid), *started]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGTERM)
+        returncode = driver.wait(timeout=300)
+        exited_after = time.monotonic() - signalled
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     text = log.read_text()
-    steps = trained_steps()
-    assert steps == list(range(len(steps))) and len(steps) < 40
-    assert latest_checkpoint(run_dir / "checkpoints") == checkpoint_path(run_dir / "checkpoints", len(steps)), text
-    assert "a learner rank died" not in text and "actor restarts: 0" in text, text[-3000:]
+    assert "a learner rank died" not in text, text[-3000:]  # no restart during a requested stop
+    if to == "group":
+        steps = trained_steps()
+        assert returncode == 0 and steps == list(range(len(steps))) and len(steps) < 40, text[-3000:]
+        assert latest_checkpoint(run_dir / "checkpoints") == checkpoint_path(run_dir / "checkpoints", len(steps))
+        assert "actor restarts: 0" in text
+    else:
+        assert returncode == 1 and "a pool failed during the requested stop" in text, text[-3000:]
+        assert "no checkpoint was saved" in text
+        assert exited_after < 50, exited_after  # it waited 60 s on the dead GCS, then Ray ended it
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, [process.name() for process in alive]

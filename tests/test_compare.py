@@ -128,7 +128,7 @@ def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two
         tmp_path / "arms",
         training={"steps": 2, "max_staleness": 0},
         optim={"lr": 1e-2, "warmup_fraction": 0.0, "min_lr_fraction": 0.5},
-        eval={"every": 2, "num_docs": 2, "num_samples": 2},
+        eval={"every": 2, "num_docs": 2, "num_samples": 2, "humaneval_problems": 2, "max_new_tokens": 16},
         data={"max_examples": 30},
         compare={"arms": arms, "reference": "low"},
         logging={"wandb_mode": "offline", "samples_every": 1},
@@ -157,8 +157,21 @@ def test_compare_arms_train_with_their_own_recipes_and_the_table_pairs_every_two
         d = result["differences"][label]["eval/full_ce_loss"]
         assert d["mean"] == pytest.approx(sum(a - b for a, b in zip(after, before)) / len(after), rel=1e-9)
         assert d["low"] <= d["mean"] <= d["high"]
+    # HumanEval ran inside the training runs (and in the EMA's `ebft eval`), paired problem by problem.
+    pass1 = {
+        "base": json.loads((root / "low" / "evals" / "step_00000000.json").read_text())["per_problem"],
+        "high": averaged["per_problem"],
+        "low": json.loads((root / "low" / "evals" / "step_00000002.json").read_text())["per_problem"],
+    }
+    pass1 = {name: values["eval/humaneval/pass@1"] for name, values in pass1.items()}
+    assert all(len(values) == 2 and set(values) <= {0.0, 1.0} for values in pass1.values())  # greedy: 1 sample
+    for label in ("high - base", "low - base", "high - low"):
+        after, before = label.split(" - ")
+        by_hand = sum(a - b for a, b in zip(pass1[after], pass1[before])) / 2
+        assert result["differences"][label]["eval/humaneval/pass@1"]["mean"] == pytest.approx(by_hand, abs=1e-12)
     header = console.export_text()
     assert all(column in header for column in ("high - base", "low - base", "high - low", "high vs low"))
+    assert "HumanEval pass@1" in header and "2 HumanEval problems" in header
 
     # W&B: the arms are runs of one group, each with its own config, the step axis, the metrics the table shows and,
     # for EBFT, the samples table.

@@ -221,6 +221,10 @@ class Controller:
     # ------------------------------------------------------------------ learner restarts
 
     def learner_died(self, error: Exception) -> bool:
+        """A learner rank died and the run restarts it; never during a requested stop, whose signal may have reached
+        the pools too (the run ends naming its last checkpoint, ebft.cluster.train.run)."""
+        if self.stop_requested:
+            return False
         return self.restart_learner is not None and is_actor_failure(error) and not self.learner.alive()
 
     def restore(self, error: Exception) -> None:

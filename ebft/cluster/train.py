@@ -27,7 +27,7 @@ from ebft.cluster.pools import ActorPool
 from ebft.config import Config, ConfigError, build_config, dump_config
 from ebft.evaluation.code import humaneval_path
 from ebft.evaluation.heldout import Evaluation, HeldoutEvaluator, paired_differences
-from ebft.evaluation.humaneval import humaneval_problems, run_code_eval
+from ebft.evaluation.humaneval import code_eval, humaneval_problems
 
 if TYPE_CHECKING:
     from ebft.data.chunks import ChunkStream, PreparedData
@@ -222,6 +222,10 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
         try:
             with stop_on_interrupt(controller):
                 controller.run()
+        except Exception as error:
+            if controller.stop_requested:
+                failed_during_stop(controller, error)
+            raise
         finally:
             recorder.close()
     return recorder.summary(controller)
@@ -336,7 +340,10 @@ class Pools:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.shutdown()
+        if local_cluster_alive():
+            self.shutdown()
+        else:  # the actors went with it; leave it, so that nothing (Ray's own excepthook too) waits on its dead GCS
+            ray.shutdown()
 
 
 class RunRecorder:
@@ -389,7 +396,9 @@ class RunRecorder:
                     return ray.get(rollout.complete.remote(prompts, **options, alone=True))
 
                 with timed(timings, "timing/eval_humaneval"):
-                    evaluation.metrics.update(run_code_eval(complete, self.code_problems, self.config))
+                    code = code_eval(complete, self.code_problems, self.config)
+                evaluation.metrics.update(code.metrics)
+                evaluation.per_problem.update(code.per_problem)
         evaluation.save(evaluation_path(self.inputs.run_dir, step))
         self.evaluations.append(evaluation)
         self.monitor.log(step, {**evaluation.metrics, **timings})
@@ -478,6 +487,23 @@ def stop_on_interrupt(controller: Controller):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def failed_during_stop(controller: Controller, error: Exception) -> None:
+    """A pool failed after a stop was requested: a scheduler's or a service manager's SIGTERM to every process of the
+    run reaches Ray's processes too. Named at once, before the pools' shutdown, which may not come back."""
+    saved = controller.restore_point.checkpoint
+    resume = f"`--resume` continues from {saved}" if saved else "no checkpoint was saved"
+    message = f"a pool failed during the requested stop ({type(error).__name__}), in step {controller.step + 1}"
+    log.error("%s; %s", message, resume)
+    raise RuntimeError(f"{message}; {resume}") from error
+
+
+def local_cluster_alive() -> bool:
+    """False once a process of the local Ray cluster this driver started has died; a driver connected to a cluster
+    it did not start always sees True."""
+    node = ray._private.worker._global_node
+    return node is None or node.remaining_processes_alive()
 
 
 def _read_start(checkpoint: Path | None) -> dict[str, int]:

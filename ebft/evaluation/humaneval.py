@@ -63,11 +63,6 @@ def generate_completions(complete: CompleteFn, problems: Sequence[CodeProblem], 
     return completions
 
 
-def run_code_eval(complete: CompleteFn, problems: Sequence[CodeProblem], config: Config) -> dict[str, float]:
-    """The metrics of `code_eval` alone."""
-    return code_eval(complete, problems, config).metrics
-
-
 def code_eval(complete: CompleteFn, problems: Sequence[CodeProblem], config: Config) -> CodeEval:
     """eval/humaneval/pass@k (unbiased; k = 1, and n when more samples are drawn) and the count of
     samples per outcome (eval/humaneval/outcome/passed, .../syntax, .../timeout, ...), and pass@k per problem."""
