@@ -118,7 +118,7 @@ def pushed_weights(group) -> dict[str, torch.Tensor]:
         def __init__(self):
             self.update = None
 
-        def update_weights(self, update: WeightUpdate) -> int:
+        def update_weights(self, update: WeightUpdate, learner: int = 0) -> int:
             self.update = update
             return update.version
 

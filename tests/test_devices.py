@@ -112,10 +112,12 @@ def test_a_cpu_learner_checkpoints_no_cuda_rng_when_torch_sees_a_gpu(tmp_path, t
 def test_tensor_parallel_rollout_engines_get_their_size_and_the_gpu_transfer_backend(monkeypatch, tiny_model_dir):
     import vllm
 
+    from ebft.actors import rollout
     from ebft.actors.rollout import RolloutWorker
 
-    built = {}
+    built, waited = {}, []
     monkeypatch.setattr(vllm, "LLM", lambda path, **options: built.update(options, path=path))
+    monkeypatch.setattr(rollout, "wait_for_free_gpu_memory", lambda fraction, timeout_s: waited.append(fraction))
     gpus = {"rollout": {"gpus_per_actor": 2}, "features": {"gpus_per_actor": 1}, "learner": {"gpus_per_actor": 1}}
     config = build_config({"model": {"policy": str(tiny_model_dir)}, "resources": gpus})
     worker = RolloutWorker.__new__(RolloutWorker)
@@ -124,6 +126,7 @@ def test_tensor_parallel_rollout_engines_get_their_size_and_the_gpu_transfer_bac
     assert built["tensor_parallel_size"] == 2 and built["distributed_executor_backend"] == "mp"
     assert built["weight_transfer_config"].backend == "ebft_nccl"
     assert built["gpu_memory_utilization"] == config.rollout.gpu_memory_utilization
+    assert waited == [config.rollout.gpu_memory_utilization]  # a predecessor's memory is waited for first
     assert "kv_cache_memory_bytes" not in built
 
 

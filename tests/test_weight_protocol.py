@@ -241,6 +241,9 @@ def test_engines_left_inside_the_push_of_a_learner_that_died_end_themselves_at_o
     actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
 
     class SlowLearner:  # a learner's rank 0 whose push stalls after its first buffers
+        def __init__(self):
+            self.inside = False
+
         def push(self, actors, config, weights, port):
             from ebft.learner.weight_sender import make_weight_sender
 
@@ -251,18 +254,25 @@ def test_engines_left_inside_the_push_of_a_learner_that_died_end_themselves_at_o
 
             def stalling():
                 for index, item in enumerate(weights.items()):
-                    if index == 3:
+                    if index == 3:  # every receiver entered the round (the stream is read only after that)
+                        self.inside = True
                         time.sleep(600)
                     yield item
 
             metadata = [(name, list(t.shape), t.dtype) for name, t in weights.items()]
             sender.send(WeightStream(metadata, stalling()), version=1)
 
-    dying = ray.remote(num_cpus=0)(SlowLearner).remote()
+        def stalled(self) -> bool:
+            return self.inside
+
+    dying = ray.remote(num_cpus=0, max_concurrency=2)(SlowLearner).remote()
     try:
         ray.get([actor.weight_version.remote() for actor in actors])  # the engines are up
         dying.push.remote(actors, config, model_weights(engine_model), free_port())
-        time.sleep(8)  # connected, and inside the push
+        deadline = time.monotonic() + 120
+        while not ray.get(dying.stalled.remote()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.get(dying.stalled.remote()), "the push never got inside the round"
         assert not ended_within(actors[0], 0.5)
         ray.kill(dying)
         started = time.monotonic()

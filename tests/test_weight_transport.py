@@ -64,7 +64,7 @@ def test_auto_transport_is_nccl_only_when_both_pools_have_whole_gpus():
     assert build_config(tensor_parallel).weight_transport == NCCL
     # A workstation: every pool on a share of its one GPU; NCCL refuses two ranks on one device.
     shared = {pool: {"gpus_per_actor": 0.3} for pool in ("rollout", "features", "learner")}
-    workstation = build_config({"resources": shared, "rollout": {"gpu_memory_utilization": 0.3}})
+    workstation = build_config({"resources": shared, "rollout": {"gpu_memory_utilization": 0.24}})
     assert workstation.weight_transport == OBJECT_STORE
 
 
@@ -79,14 +79,14 @@ def test_auto_transport_is_nccl_only_when_both_pools_have_whole_gpus():
         (["resources.learner.gpus_per_actor=2"], "resources.learner.gpus_per_actor=2: a learner actor computes on one"),
         (["resources.features.gpus_per_actor=2"], "raise resources.features.num_actors"),
         (["resources.rollout.gpus_per_actor=1.5"], "set it to 1 or 2"),
-        (["resources.rollout.gpus_per_actor=0.5"], "set rollout.gpu_memory_utilization=0.5 or less"),
+        (["resources.rollout.gpus_per_actor=0.5"], "set rollout.gpu_memory_utilization below 0.5"),
         (["resources.rollout.gpus_per_actor=1", "rollout.weight_transport=gloo"], "gloo is for CPU pools"),
         (["rollout.batch_invariant=true"], "set rollout.batch_invariant=false"),
     ],
 )
 def test_configs_that_cannot_work_on_gpus_are_refused_saying_what_to_set(overrides, says):
     if "NCCL refuses" in says:
-        overrides = [*overrides, "rollout.gpu_memory_utilization=0.5"]
+        overrides = [*overrides, "rollout.gpu_memory_utilization=0.4"]
     with pytest.raises(ConfigError, match=re.escape(says)):
         build_config(overrides=overrides)
 
