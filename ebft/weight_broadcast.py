@@ -195,6 +195,9 @@ def open_transfer_group(
     set-up and warm-up, which have no bound of their own) runs under a Guard: past the bound the process ends."""
     from vllm.distributed.utils import StatelessProcessGroup
 
+    if backend not in ("nccl", "gloo"):  # before the Guard, which would end the process for a bad argument
+        raise ValueError(f"unknown transfer backend {backend!r}: nccl or gloo")
+
     def rendezvous():
         return StatelessProcessGroup.create(host, port, rank, world_size, store_timeout=max(1, int(timeout_s)))
 
@@ -203,10 +206,8 @@ def open_transfer_group(
         joined = joined or rendezvous()
         if backend == "nccl":
             communicator = NcclCommunicator(joined, device)
-        elif backend == "gloo":
-            communicator = CpuCommunicator(torch.distributed.PrefixStore("ebft/gloo/", joined.store), rank, world_size)
         else:
-            raise ValueError(f"unknown transfer backend {backend!r}: nccl or gloo")
+            communicator = CpuCommunicator(torch.distributed.PrefixStore("ebft/gloo/", joined.store), rank, world_size)
         # The same warm-up on both backends: every member's communicator works before the group is used.
         wait_complete(communicator.start_broadcast(torch.zeros(1, dtype=torch.uint8, device=device)))
         watcher = joined.store.clone()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 
 # Set before vLLM / Ray / DeepSpeed are imported anywhere in the test process.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +48,31 @@ def local_ray():
         address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": JOB_ENV}, log_to_driver=False
     )
     yield
+    groups = actor_process_groups()
     ray.shutdown()
+    end_process_groups(groups)
+
+
+def actor_process_groups() -> set[int]:
+    """The process groups of this test process's Ray workers (each actor and its engine's processes share one)."""
+    import psutil
+
+    groups = set()
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            command = " ".join(process.cmdline())
+            if command.startswith("ray::") or command.startswith("VLLM::"):
+                groups.add(os.getpgid(process.pid))
+    groups.discard(os.getpgid(0))
+    return groups
+
+
+def end_process_groups(groups: set[int]) -> None:
+    """An actor killed just before `ray.shutdown` leaves its EngineCore to init (the raylet that would clean up its
+    group is gone): such an orphan would hold memory and CPU through every later test."""
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -89,17 +89,8 @@ def test_moving_average_follows_a_float64_loop_and_resumes_exactly(tiny_model_di
     resumed.close()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_moving_average_sharded_over_two_zero3_ranks_is_the_one_rank_average(tiny_model_dir, ray_cluster, tmp_path):
+def test_moving_average_sharded_over_two_zero3_ranks_is_the_one_rank_average(tiny_model_dir, local_ray, tmp_path):
     from ebft.learner.group import LearnerGroup
 
     config = make_config(training={"ema": 0.6}, learner={"zero_stage": 3, "micro_batch_docs": 1})

@@ -94,15 +94,19 @@ def test_a_receiver_whose_sender_died_waits_for_good_raising_nothing():
         del store
 
 
-def run_guarded(body: str, timeout_s: float, failed: str = "lambda: False") -> tuple[int, float]:
-    """A process that runs `body` under a Guard; its exit code and how long it ran."""
-    code = textwrap.dedent(
-        f"""
+def run_guarded(body: str, timeout_s: float, failed: str = "lambda: False", after: str = "") -> tuple[int, float]:
+    """A process that runs `body` under a Guard, then `after`; its exit code and how long it ran."""
+    code = (
+        textwrap.dedent(
+            f"""
         import os, time
         from ebft.weight_broadcast import Guard
         with Guard("a test wait", {timeout_s}, {failed}):
         """
-    ) + textwrap.indent(textwrap.dedent(body), "    ")
+        )
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + f"\n{after}\n"
+    )
     started = time.monotonic()
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     return completed.returncode, time.monotonic() - started
@@ -128,6 +132,6 @@ def test_a_guard_ends_its_process_when_the_wait_raises():
 
 
 def test_a_guarded_wait_that_completes_leaves_the_process_alone():
-    code, _ = run_guarded("time.sleep(0.3)\nprint('done')", 1.5)
-    assert code == 0
-    time.sleep(2)  # past the bound: the guard was released when the wait completed
+    # The process lives on past the bound: a guard still armed after the wait completed would end it.
+    code, seconds = run_guarded("time.sleep(0.3)", 1.5, after="time.sleep(3)")
+    assert code == 0 and seconds >= 3

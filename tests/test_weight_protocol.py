@@ -144,17 +144,21 @@ def model_weights(model_dir):
     return dict(iter_state_dict(model, zero3=False, rank=0, device="cpu"))
 
 
-def ended_within(actor, seconds: float) -> bool:
-    """Whether the actor's process ended within `seconds` (a call on it fails as its actor died)."""
-    from ray.exceptions import GetTimeoutError, RayActorError
+def ended_within(pid: int, seconds: float) -> bool:
+    """Whether the process ended within `seconds` (gone, or a zombie its parent has not reaped). The process, not
+    Ray's report of the actor's death: that comes later on a loaded machine, and is Ray's to make."""
+    import psutil
 
-    try:
-        ray.get(actor.weight_version.remote(), timeout=seconds)
-    except RayActorError:
-        return True
-    except GetTimeoutError:
-        return False
-    return False
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def test_a_receiver_killed_during_a_push_fails_it_at_once_and_every_receiver_is_replaced(local_ray, tied_models):
@@ -173,7 +177,7 @@ def test_a_receiver_killed_during_a_push_fails_it_at_once_and_every_receiver_is_
     replacements = []
     try:
         assert all(engine_processes(actor) for actor in actors), "the engines run in-process, not as GPU engines do"
-        victim = actor_pid(actors[1])
+        survivor, victim = actor_pid(actors[0]), actor_pid(actors[1])
         sender = sender_for(actors, config)
         weights = model_weights(learner_model)
 
@@ -190,7 +194,7 @@ def test_a_receiver_killed_during_a_push_fails_it_at_once_and_every_receiver_is_
             sender.send(WeightStream(metadata, killing_stream()), version=1)
         assert time.monotonic() - started < 30, "the push waited for the dead receiver"
         assert sorted(failure.value.actor_ids) == sorted(a._actor_id.hex() for a in actors)
-        assert ended_within(actors[0], 20), "a receiver of a failed round outlived it"
+        assert ended_within(survivor, 20), "a receiver of a failed round outlived it"
 
         replacements = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
         sender = sender_for(replacements, config)
@@ -214,17 +218,18 @@ def test_a_receiver_that_does_not_answer_fails_the_push_within_its_bound(local_r
     config = gloo_config(engine_model, weight_sync_timeout_s=20)
     actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
     try:
+        ray.get([actor.weight_version.remote() for actor in actors])  # the engines are up
         sender = sender_for(actors, config)
-        frozen = actor_pid(actors[0])
+        frozen, entered = actor_pid(actors[0]), actor_pid(actors[1])
         os.kill(frozen, signal.SIGSTOP)  # alive but never answering, as a wedged engine would be
         started = time.monotonic()
         with pytest.raises(RolloutActorsFailed) as failure:
             sender.send(model_weights(engine_model), version=1)
         assert 20 <= time.monotonic() - started < 20 + 15, "one deadline for the whole push"
         assert sorted(failure.value.actor_ids) == sorted(a._actor_id.hex() for a in actors)  # all at once
-        assert ended_within(actors[1], 20), "the receiver that entered the failed round outlived it"
+        assert ended_within(entered, 20), "the receiver that entered the failed round outlived it"
         os.kill(frozen, signal.SIGCONT)
-        assert ended_within(actors[0], 30), "the thawed receiver entered a round declared failed and went on"
+        assert ended_within(frozen, 30), "the thawed receiver entered a round declared failed and went on"
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -267,16 +272,16 @@ def test_engines_left_inside_the_push_of_a_learner_that_died_end_themselves_at_o
 
     dying = ray.remote(num_cpus=0, max_concurrency=2)(SlowLearner).remote()
     try:
-        ray.get([actor.weight_version.remote() for actor in actors])  # the engines are up
+        pids = [actor_pid(actor) for actor in actors]  # the engines are up
         dying.push.remote(actors, config, model_weights(engine_model), free_port())
         deadline = time.monotonic() + 120
         while not ray.get(dying.stalled.remote()) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert ray.get(dying.stalled.remote()), "the push never got inside the round"
-        assert not ended_within(actors[0], 0.5)
+        assert not ended_within(pids[0], 0.5)
         ray.kill(dying)
         started = time.monotonic()
-        assert all(ended_within(actor, 30) for actor in actors)
+        assert all(ended_within(pid, 30) for pid in pids)
         assert time.monotonic() - started < 30, "the engines waited for their bound (120 s), not for the store"
     finally:
         for actor in actors:
@@ -341,7 +346,6 @@ def learner_killed_inside_the_push(killed: list) -> None:
 @pytest.mark.parametrize(
     "victim, when",
     [
-        ("RolloutWorker", 1),
         ("RolloutWorker", frozen_then_killed),
         ("RolloutWorker", freeze),
         ("VLLM::EngineCore", 1),
@@ -349,7 +353,6 @@ def learner_killed_inside_the_push(killed: list) -> None:
         ("LearnerRankActor", learner_killed_inside_the_push),
     ],
     ids=[
-        "rollout-actor",
         "rollout-actor-in-a-push",
         "receiver-frozen-in-a-push",
         "engine-core-alone",
@@ -361,9 +364,11 @@ def test_a_gloo_run_survives_each_fault_and_trains_every_chunk_once(
     local_ray, tiny_model_with_tokenizer, tmp_path, monkeypatch, straight_gloo_run, victim, when
 ):
     """Over the gloo transport, which fails as NCCL fails (a broadcast with a dead or frozen peer never completes
-    nor raises), and with engines in vLLM's V1 multiprocessing as on GPUs: SIGKILL a rollout actor after a training
-    row, or while the learner's second push waits on it; freeze one (SIGSTOP) as that push starts; SIGKILL an
-    engine's EngineCore alone, or the learner's rank after two rows or inside its second push. The run finishes
+    nor raises), and with engines in vLLM's V1 multiprocessing as on GPUs: SIGKILL a rollout actor while the
+    learner's second push waits on it; freeze one (SIGSTOP) as that push starts; SIGKILL an engine's EngineCore alone
+    after a training row, or the learner's rank after two rows (the new learner reconnects to engines that still hold
+    the dead one's group) or inside its second push. (A rollout actor killed between pushes is test_cluster.py's:
+    the replacement joins the next push's group as after rollout-actor-in-a-push.) The run finishes
     with every scheduled chunk trained exactly once, nothing left running, and the uninterrupted run's weights (a
     replaced rollout actor regenerates what was lost; a restarted learner goes back to the base weights, as no
     checkpoint was saved before the end)."""

@@ -25,7 +25,7 @@ from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitI
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine, NCCLWeightTransferUpdateInfo
 
 from ebft.actors.adapter_merge import AdapterBase, merged_weights
-from ebft.weight_broadcast import TransferGroup, failed_key, open_transfer_group, receive_packed
+from ebft.weight_broadcast import TransferGroup, open_transfer_group, receive_packed
 
 ENGINES = {"ebft_nccl": "EbftNcclWeightTransferEngine", "gloo": "GlooWeightTransferEngine"}
 
@@ -103,9 +103,7 @@ class RoundEngine(NCCLWeightTransferEngine):
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
         group, buffer_bytes = self.group, self.packed_buffer_size_bytes
-        with group.guard_round(update_info.round_index):
-            if group.watcher.check([failed_key(update_info.round_index)]):
-                raise RuntimeError("the round was declared failed before this worker entered it")
+        with group.guard_round(update_info.round_index):  # a round declared failed already ends it at once
             metadata = [
                 (name, shape, getattr(torch, dtype))
                 for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes)

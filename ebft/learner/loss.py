@@ -122,6 +122,27 @@ class LossTerms:
     truncated_fraction: torch.Tensor
 
 
+def importance_weights(
+    logprobs: torch.Tensor, behavior_logprobs: torch.Tensor | None, is_stale: torch.Tensor | None, truncation: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights of the policy gradient (docs/method.md section 6): min(pi / pi_behavior, truncation) where
+    `is_stale` (broadcast against logprobs) marks tokens sampled by older weights, 1 elsewhere; and where the
+    truncation bit."""
+    weight = torch.ones_like(logprobs)
+    truncated = torch.zeros_like(logprobs, dtype=torch.bool)
+    if behavior_logprobs is not None and is_stale is not None and bool(is_stale.any()):
+        ratio = (logprobs.detach() - behavior_logprobs.to(logprobs)).exp()
+        weight = torch.where(is_stale, ratio.clamp(max=truncation), weight)
+        truncated = is_stale & (ratio > truncation)
+    return weight, truncated
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1."""
+    delta = ref_logprobs.to(logprobs) - logprobs
+    return delta.exp() - delta - 1
+
+
 def ebft_loss(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -140,21 +161,14 @@ def ebft_loss(
     logprobs [B, NB, G] (with grad), advantages [B, NB], ce_per_doc [B]; behavior_logprobs [B, NB, G]
     and stale [B] bool mark rollouts sampled by older weights; ref_logprobs [B, NB, G] for the KL.
     """
-    weight = torch.ones_like(logprobs)
-    truncated = torch.zeros_like(logprobs, dtype=torch.bool)
-    if behavior_logprobs is not None and stale is not None and bool(stale.any()):
-        ratio = (logprobs.detach() - behavior_logprobs.to(logprobs)).exp()
-        is_stale = stale.view(-1, 1, 1).to(logprobs.device)
-        weight = torch.where(is_stale, ratio.clamp(max=ratio_truncation), weight)
-        truncated = is_stale & (ratio > ratio_truncation)
+    is_stale = None if stale is None else stale.view(-1, 1, 1).to(logprobs.device)
+    weight, truncated = importance_weights(logprobs, behavior_logprobs, is_stale, ratio_truncation)
     per_token = weight * advantages.unsqueeze(-1).to(logprobs) * logprobs
     policy_loss = -per_token.flatten(1).mean(-1).mean()
     ce_loss = ce_per_doc.mean()
     kl = logprobs.new_zeros(())
     if kl_coef and ref_logprobs is not None:
-        # k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, per token, then sequence mean.
-        delta = ref_logprobs.to(logprobs) - logprobs
-        kl = (delta.exp() - delta - 1).flatten(1).mean(-1).mean()
+        kl = k3_kl(logprobs, ref_logprobs).flatten(1).mean(-1).mean()
     loss = rl_coef * policy_loss + ce_coef * ce_loss + kl_coef * kl
     return LossTerms(
         loss=loss,

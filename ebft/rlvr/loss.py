@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ebft.learner.loss import LossTerms, token_logprobs
+from ebft.learner.loss import LossTerms, importance_weights, k3_kl, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -138,19 +138,13 @@ def rlvr_loss(
     device = logprobs.device
     index = packed.completion.clamp(min=0).to(device)
     real = (packed.completion >= 0).to(device)
-    weight = torch.ones_like(logprobs)
-    truncated = torch.zeros_like(real)
-    if behavior_logprobs is not None and stale is not None and bool(stale.any()):
-        ratio = (logprobs.detach() - behavior_logprobs.to(logprobs)).exp()
-        is_stale = stale.to(device).gather(1, index) & real
-        weight = torch.where(is_stale, ratio.clamp(max=ratio_truncation), weight)
-        truncated = is_stale & (ratio > ratio_truncation)
+    is_stale = None if stale is None else stale.to(device).gather(1, index) & real
+    weight, truncated = importance_weights(logprobs, behavior_logprobs, is_stale, ratio_truncation)
     token_advantages = advantages.to(logprobs).gather(1, index)
     policy_loss = -_completion_means(weight * token_advantages * logprobs, packed).mean()
     kl = logprobs.new_zeros(())
     if kl_coef and ref_logprobs is not None:
-        delta = ref_logprobs.to(logprobs) - logprobs
-        kl = _completion_means(delta.exp() - delta - 1, packed).mean()
+        kl = _completion_means(k3_kl(logprobs, ref_logprobs), packed).mean()
     real_weights = weight[real]
     return LossTerms(
         loss=policy_loss + kl_coef * kl,
