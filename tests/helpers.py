@@ -153,3 +153,7 @@ def kill_actor_processes(class_name: str, after_rows: int, metrics, killed: list
         if " ".join(process.cmdline()).startswith(prefix):
             os.kill(process.pid, signal_number)
             killed.append(process.pid)
+
+
+TINY_LORA = {"rank": 4, "alpha": 12.0, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
+"""LoRA settings for the tiny Llamas: every kind of linear layer but one adapted."""

@@ -3,13 +3,12 @@ own merge, exact resume from a LoRA checkpoint, its PEFT adapter, and the target
 
 from __future__ import annotations
 
-import threading
-
 import peft
 import pytest
 import ray
 import torch
-from helpers import kill_actor_processes, make_tiny_llama, tiny_run_config, transformers_greedy
+from helpers import TINY_LORA as LORA
+from helpers import make_tiny_llama, transformers_greedy
 from learner_reference import (
     N_SAMPLES,
     T,
@@ -21,7 +20,6 @@ from learner_reference import (
     reference_loss,
     reference_update,
 )
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ebft.actors.adapter_merge import AdapterBase, merged_weights
@@ -41,7 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 NO_REMOTE = {"trust_remote_code": False}
 PROMPTS = [[5, 17, 42, 7], [100, 3, 250, 9, 11]]
-LORA = {"rank": 4, "alpha": 12.0, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
 
 
 def lora_config(**sections):
@@ -463,51 +460,3 @@ def test_lora_section_is_off_by_default_and_validated():
 
 
 # ----------------------------------------------------------------------------- whole runs
-
-
-@pytest.mark.slow
-def test_a_lora_run_survives_a_killed_rollout_actor_and_learner_and_ends_as_an_uninterrupted_one(
-    local_ray, tiny_model_with_tokenizer, tmp_path
-):
-    """A synchronous LoRA run through all three pools, its engine serving the adapters: the rollout actor is
-    SIGKILLed after step 1 (its replacement starts from the base and registers the pushed adapters) and the learner
-    rank after step 3 (it restarts from the checkpoint at step 2). Every chunk is trained once, and the final adapter
-    equals an uninterrupted run's. (With lora_sync merged a push after a replacement is a full-weight push, whose
-    faults test_weight_protocol.py and test_cluster.py cover; a merged push itself is tested above.)"""
-    lora_sync = "adapter"
-    from ebft.cluster.train import run
-
-    def lora_run(folder, kills=()):
-        raw = tiny_run_config(
-            tiny_model_with_tokenizer,
-            tmp_path / folder,
-            model={"lora": LORA},
-            training={"max_staleness": 0, "steps": 4},
-            checkpoint={"every": 2},
-        )
-        raw["rollout"]["lora_sync"] = lora_sync
-        killed: list[int] = []
-        killers = [
-            threading.Thread(
-                target=kill_actor_processes, args=(actor, rows, tmp_path / folder / "metrics.jsonl", killed)
-            )
-            for actor, rows in kills
-        ]
-        for killer in killers:
-            killer.start()
-        summary = run(build_config(raw))
-        for killer in killers:
-            killer.join(timeout=5)
-        assert len(killed) >= len(kills)
-        return summary
-
-    straight = lora_run("straight")
-    faulty = lora_run("faulty", kills=[("RolloutWorker", 1), ("LearnerRankActor", 3)])
-    assert faulty.restarts >= 2 and faulty.steps == straight.steps == 4
-    assert faulty.trained_chunk_ids == straight.trained_chunk_ids
-    assert len(set(faulty.trained_chunk_ids)) == faulty.trained_chunks == 8
-    adapter = load_file(str(faulty.checkpoint / ckpt.ADAPTER_DIR / "adapter_model.safetensors"))
-    expected = load_file(str(straight.checkpoint / ckpt.ADAPTER_DIR / "adapter_model.safetensors"))
-    assert adapter.keys() == expected.keys() and any(".lora_B." in name for name in adapter)
-    for name, value in expected.items():
-        torch.testing.assert_close(adapter[name], value, atol=1e-6, rtol=1e-5, msg=name)

@@ -149,16 +149,26 @@ def ended_within(pid: int, seconds: float) -> bool:
     Ray's report of the actor's death: that comes later on a loaded machine, and is Ray's to make."""
     import psutil
 
+    try:
+        process = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
+    while running(process):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
+    return True
+
+
+def running(process) -> bool:
+    """Neither gone nor a zombie its parent has not reaped yet."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def test_a_receiver_killed_during_a_push_fails_it_at_once_and_every_receiver_is_replaced(local_ray, tied_models):
@@ -218,9 +228,8 @@ def test_a_receiver_that_does_not_answer_fails_the_push_within_its_bound(local_r
     config = gloo_config(engine_model, weight_sync_timeout_s=20)
     actors = [create_rollout_actor(config, str(engine_model), max_model_len=64) for _ in range(2)]
     try:
-        ray.get([actor.weight_version.remote() for actor in actors])  # the engines are up
+        frozen, entered = actor_pid(actors[0]), actor_pid(actors[1])  # the engines are up
         sender = sender_for(actors, config)
-        frozen, entered = actor_pid(actors[0]), actor_pid(actors[1])
         os.kill(frozen, signal.SIGSTOP)  # alive but never answering, as a wedged engine would be
         started = time.monotonic()
         with pytest.raises(RolloutActorsFailed) as failure:
@@ -418,8 +427,8 @@ def engine_cores_left(wait_s: float = 15.0) -> list:
 
     def running_engine_core(process) -> bool:
         try:
-            return process.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join(process.cmdline())
-        except psutil.Error:  # gone (or a zombie) meanwhile
+            return running(process) and "EngineCore" in " ".join(process.cmdline())
+        except psutil.Error:  # gone meanwhile
             return False
 
     deadline = time.monotonic() + wait_s

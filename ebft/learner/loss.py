@@ -126,8 +126,8 @@ def importance_weights(
     logprobs: torch.Tensor, behavior_logprobs: torch.Tensor | None, is_stale: torch.Tensor | None, truncation: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token weights of the policy gradient (docs/method.md section 6): min(pi / pi_behavior, truncation) where
-    `is_stale` (broadcast against logprobs) marks tokens sampled by older weights, 1 elsewhere; and where the
-    truncation bit."""
+    `is_stale` (broadcast against logprobs) marks tokens sampled by older weights, 1 elsewhere; and whether each
+    token's ratio was truncated."""
     weight = torch.ones_like(logprobs)
     truncated = torch.zeros_like(logprobs, dtype=torch.bool)
     if behavior_logprobs is not None and is_stale is not None and bool(is_stale.any()):
