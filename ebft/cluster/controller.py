@@ -303,8 +303,7 @@ class Controller:
                 except Exception as error:
                     if not is_actor_failure(error):
                         raise
-                    if self.feature_pool.replace(shard.feature_worker, shard.feature_handle, error):
-                        self.restarts += 1
+                    self.replace_actor(self.feature_pool, shard.feature_worker, shard.feature_handle, error)
                     self.embed(shard)
                     continue
                 rollouts.append(rollout)
@@ -359,21 +358,30 @@ class Controller:
         rollout = {i: self.rollout_pool[i] for i in map(self.rollout_pool.index_of, actor_ids) if i is not None}
         features = [i for i in map(self.feature_pool.index_of, actor_ids) if i is not None]
         for index in features:
-            if self.feature_pool.replace(index, self.feature_pool[index], error):
-                self.restarts += 1
+            self.replace_actor(self.feature_pool, index, self.feature_pool[index], error)
         if rollout:
             self.replace_rollout_actors(rollout, error)
         return bool(rollout or features)
 
     def replace_rollout_actors(self, failed: dict[int, Any], error: Exception) -> None:
         """Replace the rollout actors {slot: handle} still in the pool, then reconnect and push the weights once."""
-        replaced = [index for index, handle in failed.items() if self.rollout_pool.replace(index, handle, error)]
+        replaced = [
+            index for index, handle in failed.items() if self.replace_actor(self.rollout_pool, index, handle, error)
+        ]
         if not replaced:
             return
-        self.restarts += len(replaced)
         self._push = None  # its acknowledgments may include the dead actors'
         if self.connect_rollout_actors() and self.version > 0:
             self.push_weights()  # new actors start from the base weights; the others reload the same version
+
+    def replace_actor(self, pool: ActorPool, index: int, failed: Any, error: Exception) -> bool:
+        """Replace a pool's dead actor (False if it was replaced already); never during a requested stop, whose
+        signal may have reached Ray's processes too: a replacement would wait for a cluster that is going."""
+        if self.stop_requested:
+            raise error
+        replaced = pool.replace(index, failed, error)
+        self.restarts += replaced
+        return replaced
 
     def connect_rollout_actors(self) -> bool:
         """Open the weight transport from the learner to the rollout pool; False if an actor failed to join and
