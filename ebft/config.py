@@ -28,6 +28,7 @@ from ebft.config_sections import (
     PoolResources,
     ResourcesConfig,
     RewardConfig,
+    RlvrConfig,
     RolloutConfig,
     SamplingConfig,
     Section,
@@ -56,6 +57,7 @@ __all__ = [
     "PoolResources",
     "ResourcesConfig",
     "RewardConfig",
+    "RlvrConfig",
     "RolloutConfig",
     "SamplingConfig",
     "Section",
@@ -115,6 +117,7 @@ class Config(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    rlvr: RlvrConfig = Field(default_factory=RlvrConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -153,12 +156,27 @@ class Config(Section):
                 "loss.kl_coef > 0 is an EBFT setting (a KL term on the rollouts); training.method=sft generates no "
                 "rollouts: set loss.kl_coef=0 or training.method=ebft"
             )
-        if self.training.method == "ebft" and s.top_p < 1:
+        if self.training.method in ("ebft", "rlvr") and s.top_p < 1:
             raise ValueError(
                 f"sampling.top_p={s.top_p}: the learner's log-probs are those of the whole softmax(logits / "
                 "temperature), so rollouts from a nucleus would bias the policy gradient and the importance ratios; "
                 "set sampling.top_p=1.0 (the paper's setting)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _verifiable_data(self) -> Config:
+        if self.training.method != "rlvr" and not self.eval.verifier_questions:
+            return self
+        key = "tests_key" if self.rlvr.reward in ("all_passed", "fraction_passed") else "references_key"
+        for index, source in enumerate(self.data.sources):
+            if not (source.question_key and getattr(source, key)):
+                raise ValueError(
+                    f"training.method=rlvr or eval.verifier_questions with rlvr.reward={self.rlvr.reward} scores "
+                    "each question's completions "
+                    f"against its {key.removesuffix('_key')}: set data.sources[{index}].question_key and .{key} "
+                    f"(source {source.path!r})"
+                )
         return self
 
     @model_validator(mode="after")

@@ -56,6 +56,13 @@ class SourceConfig(Section):
     text_key: str = "text"
     question_key: str | None = None
     answer_key: str | None = None
+    tests_key: str | None = None
+    """training.method = rlvr, code rewards: the field holding the question's unit tests (a list of pieces of test
+    code, or one string), each run in the program's globals after the completion's code."""
+    entry_point_key: str | None = None
+    """The field naming the function the tests call, if the question asks for one (HumanEval's `entry_point`)."""
+    references_key: str | None = None
+    """training.method = rlvr, chrF/BLEU rewards: the field holding the reference answer (a string or a list)."""
     split: str = "train"
 
 
@@ -162,6 +169,9 @@ class ResourcesConfig(Section):
     rollout: PoolResources = Field(default_factory=PoolResources)
     features: PoolResources = Field(default_factory=PoolResources)
     learner: PoolResources = Field(default_factory=PoolResources)
+    verifiers: PoolResources = Field(default_factory=PoolResources)
+    """training.method = rlvr: the pool that scores completions, started for RLVR runs only. Each actor runs
+    rlvr.sandbox_workers programs at a time: give it as many cpus_per_actor, which its machine time counts."""
 
 
 class RolloutConfig(Section):
@@ -210,12 +220,37 @@ class LearnerConfig(Section):
     document's causal part and each block's group (ebft/packed_attention.py); same log-probs."""
 
 
+class RlvrConfig(Section):
+    """training.method = rlvr (docs/method.md section 10): n completions per question, scored by a verifier."""
+
+    completions_per_prompt: int = Field(4, ge=2)
+    """n: completions sampled per question (the leave-one-out baseline needs n >= 2); at sampling.temperature."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Each completion stops at EOS or after this many tokens."""
+    max_prompt_tokens: int = Field(512, ge=1)
+    """Questions longer than this are left out of training (counted as `prompt_too_long` in the data report)."""
+    reward: Literal["all_passed", "fraction_passed", "chrf", "bleu"] = "all_passed"
+    """`all_passed` / `fraction_passed`: the completion's code run with the question's tests (data.sources[].tests_key);
+    `chrf` / `bleu`: the completion against the references (data.sources[].references_key), over 100."""
+    divide_by_std: bool = False
+    """Divide each question's leave-one-out advantages by the std of its n rewards (+ std_eps)."""
+    std_eps: float = Field(1e-6, gt=0.0)
+    sandbox_workers: int = Field(2, ge=1)
+    """Programs each verifier actor runs at a time."""
+    timeout_s: float = Field(5.0, gt=0.0)
+    """Wall-clock limit of one completion's program with its tests."""
+    memory_mib: int = Field(2048, ge=64)
+    """Address-space limit of one program."""
+
+
 class TrainingConfig(Section):
-    method: Literal["ebft", "sft"] = "ebft"
+    method: Literal["ebft", "sft", "rlvr"] = "ebft"
     """`ebft`: feature matching with rollouts (docs/method.md section 5); `sft`: cross-entropy on the same
-    chunks with the same optimizer, schedule and data order, and no rollouts (section 7)."""
+    chunks with the same optimizer, schedule and data order, and no rollouts (section 7); `rlvr`: n completions
+    of each question scored by a verifier, REINFORCE with a leave-one-out baseline (section 10, settings `rlvr:`)."""
     docs_per_step: int = Field(16, ge=1)
-    """Documents (each with n rollouts per block) per optimizer step; paper: 16 x 4 samples."""
+    """Documents (each with n rollouts per block) per optimizer step, or with rlvr questions (each with
+    rlvr.completions_per_prompt completions); paper: 16 x 4 samples."""
     steps: int = Field(100, ge=1)
     max_staleness: int = Field(0, ge=0)
     machine_budget_s: float | None = Field(None, gt=0)
@@ -267,6 +302,10 @@ class EvalConfig(Section):
     num_completions: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     max_new_tokens: int = Field(256, ge=1)
+    verifier_questions: int = Field(0, ge=0)
+    """Held-out questions with tests or references scored at every evaluation, whatever the method: one completion
+    each at eval.temperature, of up to rlvr.max_new_tokens, by rlvr.reward (eval/verifier/<reward>, paired per
+    question by `ebft compare`; ebft/evaluation/verifier_eval.py)."""
     timeout_s: float = Field(5.0, gt=0.0)
     translation_file: str | None = None
     """A jsonl of {source, reference} scored with corpus BLEU by `ebft eval` (None: skip)."""
@@ -295,7 +334,7 @@ class CompareArm(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.+]+$")
     """Its label in the table and its run folder under training.output_dir (letters, digits, `_`, `.`, `+`)."""
-    method: Literal["ebft", "sft"]
+    method: Literal["ebft", "sft", "rlvr"]
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Dotted keys over the compare's config for this arm alone, e.g. {optim.lr: 1.0e-5, optim.schedule: cosine}."""
 

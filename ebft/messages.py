@@ -26,6 +26,13 @@ class ChunkBatch:
     step: int
     """The optimizer step these chunks are scheduled for (seeds sampling deterministically)."""
 
+    @property
+    def ids(self) -> list[int]:
+        return self.chunk_ids
+
+    def part(self, start: int, stop: int) -> ChunkBatch:
+        return ChunkBatch(self.chunk_ids[start:stop], self.tokens[start:stop], self.step)
+
 
 @dataclass
 class RolloutBatch:
@@ -52,6 +59,77 @@ class FeatureBatch:
     """[docs, NB, D] float32."""
     elapsed_s: float = 0.0
     """Seconds the worker spent computing these features."""
+
+
+@dataclass(frozen=True)
+class VerifiableTask:
+    """A question and what checks an answer to it (training.method = rlvr)."""
+
+    question: str
+    tests: tuple[str, ...] = ()
+    """Pieces of test code, each run in the program's globals after the completion's code."""
+    entry_point: str | None = None
+    references: tuple[str, ...] = ()
+    """Reference answers, for the chrF / BLEU rewards."""
+
+
+@dataclass
+class PromptBatch:
+    """Questions to answer (training.method = rlvr): the controller's unit of work there, as ChunkBatch is EBFT's."""
+
+    task_ids: list[int]
+    """Global position of each question in the data stream (for exactly-once accounting and resume)."""
+    prompts: list[list[int]]
+    """Each question's token ids."""
+    tasks: list[VerifiableTask]
+    step: int
+
+    @property
+    def ids(self) -> list[int]:
+        return self.task_ids
+
+    def part(self, start: int, stop: int) -> PromptBatch:
+        return PromptBatch(self.task_ids[start:stop], self.prompts[start:stop], self.tasks[start:stop], self.step)
+
+
+@dataclass
+class CompletionBatch:
+    """n completions of every question of a prompt batch, each up to EOS or rlvr.max_new_tokens, from one weight
+    version."""
+
+    prompts: PromptBatch
+    tokens: list[list[list[int]]]
+    """[questions][n] token ids of each completion (at least one token)."""
+    behavior_logprobs: list[list[list[float]]]
+    """[questions][n] log-probs of each completion's tokens under the sampler (logits / temperature)."""
+    texts: list[list[str]]
+    weight_version: int
+    elapsed_s: float = 0.0
+
+    def part(self, start: int, stop: int) -> CompletionBatch:
+        return CompletionBatch(
+            self.prompts.part(start, stop),
+            self.tokens[start:stop],
+            self.behavior_logprobs[start:stop],
+            self.texts[start:stop],
+            self.weight_version,
+            self.elapsed_s,
+        )
+
+
+@dataclass
+class RewardBatch:
+    """The verifier's rewards of a completion batch."""
+
+    task_ids: list[int]
+    rewards: torch.Tensor
+    """[questions, n] float32."""
+    outcomes: dict[str, int]
+    """How many completions ended each way (code: passed, failed, timeout, ...)."""
+    elapsed_s: float = 0.0
+
+    def part(self, start: int, stop: int) -> RewardBatch:
+        return RewardBatch(self.task_ids[start:stop], self.rewards[start:stop], self.outcomes, self.elapsed_s)
 
 
 @dataclass

@@ -34,18 +34,21 @@ def test_step_cost_weights_each_pool_by_its_devices():
                 "rollout": {"num_actors": 2, "gpus_per_actor": 1, "cpus_per_actor": 4},
                 "features": {"num_actors": 1, "gpus_per_actor": 0.5, "cpus_per_actor": 2},
                 "learner": {"num_actors": 4, "gpus_per_actor": 1, "cpus_per_actor": 4},
+                "verifiers": {"num_actors": 2, "cpus_per_actor": 1},
             },
             "training": {"docs_per_step": 16},
         }
     )
     timings = {"timing/generate": 10.0, "timing/features": 3.0, "timing/train": 2.0, "timing/weight_sync": 0.5}
-    cost = step_cost(config, timings, ranks_on_node=[4, 4, 4, 4])
-    # Generation and features are summed over their shards already; all 4 learner GPUs train and push.
+    cost = step_cost(config, {**timings, "timing/verifiers": 4.0}, ranks_on_node=[4, 4, 4, 4])
+    # Generation, features and verifying are summed over their shards already; all 4 learner GPUs train and push;
+    # a verifier on one CPU counts that core.
     assert cost == {
         "cost/rollout_s": 10.0,
         "cost/features_s": 1.5,
+        "cost/verifiers_s": 4.0,
         "cost/learner_s": 10.0,
-        "cost/machine_s": 21.5,
+        "cost/machine_s": 25.5,
     }
     sft = step_cost(config, {"timing/train": 2.0, "timing/weight_sync": 0.0}, ranks_on_node=[4, 4, 4, 4])
     assert sft["cost/machine_s"] == 8.0

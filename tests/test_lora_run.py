@@ -19,11 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_a_lora_run_survives_a_killed_rollout_actor_and_learner_and_ends_as_an_uninterrupted_one(
     local_ray, tiny_model_with_tokenizer, tmp_path
 ):
-    """A synchronous LoRA run through all three pools, its engine serving the adapters: the rollout actor is
-    SIGKILLed after step 1 (its replacement starts from the base and registers the pushed adapters) and the learner
-    rank after step 3 (it restarts from the checkpoint at step 2). Every chunk is trained once, and the final adapter
-    equals an uninterrupted run's. (With lora_sync merged a push after a replacement is a full-weight push, whose
-    faults test_weight_protocol.py and test_cluster.py cover; a merged push itself is test_lora.py's.)"""
+    """A synchronous LoRA run through all three pools over the gloo transport (failing as NCCL fails), its engine
+    serving the adapters: the rollout actor is SIGKILLed after step 1 (its replacement starts from the base and
+    registers the pushed adapters) and the learner rank after step 3, between pushes (it restarts from the
+    checkpoint at step 2 and connects to engines that still hold the dead rank's transfer group). Every chunk is
+    trained once, and the final adapter equals an uninterrupted run's. (With lora_sync merged a push after a
+    replacement is a full-weight push, whose faults test_weight_protocol.py and test_cluster.py cover; a merged push
+    itself is test_lora.py's.)"""
     from ebft.cluster.train import run
 
     def lora_run(folder, kills=()):
@@ -34,7 +36,7 @@ def test_a_lora_run_survives_a_killed_rollout_actor_and_learner_and_ends_as_an_u
             training={"max_staleness": 0, "steps": 4},
             checkpoint={"every": 2},
         )
-        raw["rollout"]["lora_sync"] = "adapter"
+        raw["rollout"].update(lora_sync="adapter", weight_transport="gloo", weight_sync_timeout_s=60)
         killed: list[int] = []
         killers = [
             threading.Thread(

@@ -28,7 +28,7 @@ from ebft.actors.weight_receiver import WORKER_EXTENSION, load_update_into_engin
 from ebft.config import BROADCAST_TRANSPORTS, NCCL
 from ebft.cpu_threads import all_cores
 from ebft.layout import BlockPlan
-from ebft.messages import ChunkBatch, RolloutBatch, WeightUpdate
+from ebft.messages import ChunkBatch, CompletionBatch, PromptBatch, RolloutBatch, WeightUpdate
 
 GIB = 1 << 30
 ENGINE_MEMORY_WAIT_S = 120.0
@@ -250,6 +250,42 @@ class RolloutWorker:
             weight_version=self._version,
             elapsed_s=time.perf_counter() - started,
         )
+
+    def complete_prompts(self, batch: PromptBatch) -> CompletionBatch:
+        """training.method = rlvr: rlvr.completions_per_prompt completions of every question, each until EOS or
+        rlvr.max_new_tokens, at sampling.temperature and top_p, all from the current weights; seeded by
+        (run seed, step, question id), so a resumed run samples the same ones."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.llm.llm_engine.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer: the verifiers read the completions' text")
+        s, n = self.config.sampling, self.config.rlvr.completions_per_prompt
+        started = time.perf_counter()
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=self.config.rlvr.max_new_tokens,
+                logprobs=0,
+                seed=block_seed(self.config.training.seed, batch.step, task_id, 0),
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            for task_id in batch.task_ids
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in batch.prompts]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        tokens, logprobs, texts = [], [], []
+        for output in outputs:
+            samples = sorted(output.outputs, key=lambda sample: sample.index)
+            if [sample.index for sample in samples] != list(range(n)) or not all(s.token_ids for s in samples):
+                raise RuntimeError(f"vLLM returned {len(samples)} completions of a question, expected {n} non-empty")
+            tokens.append([list(sample.token_ids) for sample in samples])
+            logprobs.append([[position[t].logprob for position, t in zip(x.logprobs, x.token_ids)] for x in samples])
+            texts.append([sample.text for sample in samples])
+        return CompletionBatch(batch, tokens, logprobs, texts, self._version, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ weights
 

@@ -256,7 +256,7 @@ def summarize(config: Config, base: Evaluation, evaluations, elapsed, machine_s)
             "chunks": len(base.chunk_ids),
             "files": len(set(base.groups)),
             "samples_per_block": config.eval.num_samples,
-            "humaneval_problems": len(next(iter(base.per_problem.values()), [])),
+            "humaneval_problems": len(base.per_problem.get(HUMANEVAL_PASS1, [])),
         },
         "metrics": {
             "base": base.metrics,

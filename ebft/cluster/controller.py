@@ -16,8 +16,10 @@ A learner rank that dies sends the run back to its last checkpoint (or its start
 loads it, the rollout actors get its weights, everything sampled after it is dropped and its steps are
 trained again, up to training.max_restarts times.
 
-With training.method = sft the same loop trains cross-entropy on the same chunks: nothing is
-sampled or embedded, and weights reach the rollout actors only when an evaluation needs them.
+A training method is the stages a step's shards go through (`STAGES`): with training.method = rlvr the
+rollout actors sample n completions of each question, the verifier pool scores them, and the learner takes
+a REINFORCE step. With training.method = sft the same loop trains cross-entropy on the same chunks: nothing
+is sampled or scored, and weights reach the rollout actors only when an evaluation needs them.
 
 With training.max_staleness = k, the rollouts of steps t+1..t+k are generated while step t trains
 (at most k + 1 steps in flight), each step's from the weights last pushed when it is scheduled, so a run
@@ -43,28 +45,45 @@ from ebft.actor_failures import UnresponsiveActorError, failed_actor_ids, is_act
 from ebft.cluster.cost import step_cost
 from ebft.cluster.pools import ActorPool
 from ebft.config import Config
-from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.messages import ChunkBatch, PromptBatch
 
 log = logging.getLogger(__name__)
 
 READ_ERROR_TIMEOUT_S = 30.0
 
 
+@dataclass(frozen=True)
+class Stages:
+    """A training method's step through the pools: the rollout actors' call on a shard's batch, the scoring
+    pool's call on what they generated, and the learner's step over both (names of their methods)."""
+
+    generate: str
+    score: str
+    train: str
+    scoring_pool: str  # "features" or "verifiers"
+
+
+STAGES = {
+    "ebft": Stages("generate", "extract", "train_step", "features"),  # RolloutBatch -> FeatureBatch
+    "rlvr": Stages("complete_prompts", "score", "rlvr_step", "verifiers"),  # CompletionBatch -> RewardBatch
+}
+
+
 @dataclass
 class Shard:
-    chunks: ChunkBatch
+    chunks: ChunkBatch | PromptBatch
     rollout_actor: int
-    feature_worker: int
+    scorer: int
     rollout: ray.ObjectRef | None = None
-    features: ray.ObjectRef | None = None
+    scores: ray.ObjectRef | None = None
     rollout_handle: Any = None  # the actors the refs were submitted to: a failure replaces only these
-    feature_handle: Any = None
+    scorer_handle: Any = None
 
 
 @dataclass
 class ScheduledStep:
     step: int
-    chunks: ChunkBatch
+    chunks: ChunkBatch | PromptBatch
     shards: list[Shard]
     resume_state: dict[str, Any]
     """The data stream's state right after this step's chunks were drawn: where a run resumes once it trained."""
@@ -74,8 +93,8 @@ class ScheduledStep:
 class StepResult:
     step: int
     metrics: dict[str, float]
-    rollouts: list[RolloutBatch]
-    features: list[FeatureBatch]
+    rollouts: list  # RolloutBatch (ebft) or CompletionBatch (rlvr), one per shard
+    features: list  # FeatureBatch (ebft) or RewardBatch (rlvr)
 
 
 @dataclass
@@ -119,6 +138,8 @@ class Controller:
     """The data position after the last trained step: what a checkpoint saves."""
     machine_s: float = 0.0
     """Device-seconds the pools spent on training steps so far (ebft.cluster.cost), a resumed run's included."""
+    verifier_pool: ActorPool | None = None
+    """training.method = rlvr: the pool scoring the completions."""
     _push: Any = None
     """The last weight push (a learner.weight_sender.WeightPush), confirmed before the next one."""
     _engine_version: int = 0
@@ -135,7 +156,7 @@ class Controller:
         next_step = self.step
         while self.step < last and not self.stop_requested and not self.budget_spent:
             try:
-                if self.ebft:
+                if self.stages:
                     self.sync_weights()  # resumed: the engines start from the base weights
                     # The push and the next generation reach an actor from two processes: the generation is sent
                     # once the push is applied, so which weights sample a step never depends on which came first.
@@ -156,13 +177,13 @@ class Controller:
         with timed(timings, "waiting"):
             rollouts, features = self.collect(work)
         with timed(timings, "train"):
-            if self.ebft:
-                metrics = self.learner.train_step(rollouts, features, self.version)
+            if self.stages:
+                metrics = getattr(self.learner, self.stages.train)(rollouts, features, self.version)
             else:
                 metrics = self.learner.sft_step([work.chunks], self.version)
         self.version += 1
         with timed(timings, "weight_sync"):
-            if self.ebft:
+            if self.stages:
                 self.sync_weights()
         self.finish_step(work, rollouts, features, metrics, timings)
         finished = self.step == last or self.budget_spent
@@ -173,13 +194,17 @@ class Controller:
 
     def finish_step(self, work, rollouts, features, metrics, timings) -> None:
         metrics.update({f"timing/{phase}": seconds for phase, seconds in timings.items()})
-        if self.ebft:
+        if self.stages:
             metrics["timing/generate"] = sum(r.elapsed_s for r in rollouts)
-            metrics["timing/features"] = sum(f.elapsed_s for f in features)
+            metrics[f"timing/{self.stages.scoring_pool}"] = sum(f.elapsed_s for f in features)
             metrics["train/staleness_max"] = max(self.version - 1 - r.weight_version for r in rollouts)
+        if self.config.training.method == "rlvr":
+            for rewards in features:
+                for outcome, count in rewards.outcomes.items():
+                    metrics[f"verify/{outcome}"] = metrics.get(f"verify/{outcome}", 0) + count
         metrics.update(step_cost(self.config, metrics, ranks_on_node=self.learner.ranks_on_node))
         self.machine_s += metrics["cost/machine_s"]
-        self.trained[work.step] = list(work.chunks.chunk_ids)
+        self.trained[work.step] = list(work.chunks.ids)
         self.step += 1
         self.resume_state = work.resume_state
         self.on_step(StepResult(work.step, metrics, rollouts, features))
@@ -261,11 +286,12 @@ class Controller:
 
     def schedule(self, step: int) -> ScheduledStep:
         chunks = self.stream.next_batch(self.config.training.docs_per_step, step=step)
-        if not self.ebft:
+        if not self.stages:
             return ScheduledStep(step, chunks, [], self.stream.state_dict())
+        scorers = len(self.scoring_pool)
         shards = [
-            Shard(part, rollout_actor=i % len(self.rollout_pool), feature_worker=i % len(self.feature_pool))
-            for i, part in enumerate(split_chunks(chunks, max(len(self.rollout_pool), len(self.feature_pool))))
+            Shard(part, rollout_actor=i % len(self.rollout_pool), scorer=i % scorers)
+            for i, part in enumerate(split_batch(chunks, max(len(self.rollout_pool), scorers)))
         ]
         for shard in shards:
             self.generate(shard)
@@ -273,16 +299,16 @@ class Controller:
 
     def generate(self, shard: Shard) -> None:
         shard.rollout_handle = self.rollout_pool[shard.rollout_actor]
-        shard.rollout = shard.rollout_handle.generate.remote(shard.chunks)
-        self.embed(shard)
+        shard.rollout = getattr(shard.rollout_handle, self.stages.generate).remote(shard.chunks)
+        self.score(shard)
 
-    def embed(self, shard: Shard) -> None:
-        # Passing the ObjectRef lets Ray start the features as soon as the rollouts exist.
-        shard.feature_handle = self.feature_pool[shard.feature_worker]
-        shard.features = shard.feature_handle.extract.remote(shard.rollout)
+    def score(self, shard: Shard) -> None:
+        # Passing the ObjectRef lets Ray start the scoring as soon as the rollouts exist.
+        shard.scorer_handle = self.scoring_pool[shard.scorer]
+        shard.scores = getattr(shard.scorer_handle, self.stages.score).remote(shard.rollout)
 
-    def collect(self, work: ScheduledStep) -> tuple[list[RolloutBatch], list[FeatureBatch]]:
-        """Wait for a step's rollouts and features; work lost with a dead actor is redone."""
+    def collect(self, work: ScheduledStep) -> tuple[list, list]:
+        """Wait for a step's rollouts and their scores (features, rewards); work lost with a dead actor is redone."""
         rollouts, features = [], []
         for shard in work.shards:
             while True:
@@ -292,26 +318,26 @@ class Controller:
                     if not is_actor_failure(error):
                         raise
                     self.replace_rollout_actors({shard.rollout_actor: shard.rollout_handle}, error)
-                    read_error(shard.features)  # never ran: its rollout was lost with the actor
+                    read_error(shard.scores)  # never ran: its rollout was lost with the actor
                     self.generate(shard)
                     continue
                 if self.version - rollout.weight_version > self.config.training.max_staleness:
                     self.generate(shard)  # never train rollouts older than max_staleness versions
                     continue
                 try:
-                    feature = ray.get(shard.features)
+                    feature = ray.get(shard.scores)
                 except Exception as error:
                     if not is_actor_failure(error):
                         raise
-                    self.replace_actor(self.feature_pool, shard.feature_worker, shard.feature_handle, error)
-                    self.embed(shard)
+                    self.replace_actor(self.scoring_pool, shard.scorer, shard.scorer_handle, error)
+                    self.score(shard)
                     continue
                 rollouts.append(rollout)
                 features.append(feature)
                 break
         return rollouts, features
 
-    def rollout_of(self, shard: Shard) -> RolloutBatch:
+    def rollout_of(self, shard: Shard):
         """A shard's rollouts; an actor that has not returned them within rollout.generate_timeout_s is unresponsive."""
         bound = self.config.rollout.generate_timeout_s
         try:
@@ -353,15 +379,17 @@ class Controller:
                 raise
 
     def replace_failed_actor(self, error: Exception) -> bool:
-        """Replace the rollout actors or feature workers whose death `error` reports; False if it is none of theirs."""
+        """Replace the rollout actors, feature workers or verifiers whose death `error` reports; False if it is none
+        of theirs."""
         actor_ids = failed_actor_ids(error) if is_actor_failure(error) else []
         rollout = {i: self.rollout_pool[i] for i in map(self.rollout_pool.index_of, actor_ids) if i is not None}
-        features = [i for i in map(self.feature_pool.index_of, actor_ids) if i is not None]
-        for index in features:
-            self.replace_actor(self.feature_pool, index, self.feature_pool[index], error)
+        pools = [pool for pool in (self.feature_pool, self.verifier_pool) if pool is not None]
+        others = [(pool, i) for pool in pools for i in map(pool.index_of, actor_ids) if i is not None]
+        for pool, index in others:
+            self.replace_actor(pool, index, pool[index], error)
         if rollout:
             self.replace_rollout_actors(rollout, error)
-        return bool(rollout or features)
+        return bool(rollout or others)
 
     def replace_rollout_actors(self, failed: dict[int, Any], error: Exception) -> None:
         """Replace the rollout actors {slot: handle} still in the pool, then reconnect and push the weights once."""
@@ -395,8 +423,13 @@ class Controller:
             return False
 
     @property
-    def ebft(self) -> bool:
-        return self.config.training.method == "ebft"
+    def stages(self) -> Stages | None:
+        """The method's stages through the pools; None for SFT, which samples nothing."""
+        return STAGES.get(self.config.training.method)
+
+    @property
+    def scoring_pool(self) -> ActorPool:
+        return self.verifier_pool if self.stages.scoring_pool == "verifiers" else self.feature_pool
 
 
 @contextmanager
@@ -414,10 +447,8 @@ def read_error(ref: ray.ObjectRef) -> None:
         pass
 
 
-def split_chunks(chunks: ChunkBatch, parts: int) -> list[ChunkBatch]:
-    """Contiguous, nearly equal shards of whole chunks (no empty shard)."""
-    docs = len(chunks.chunk_ids)
+def split_batch(batch: ChunkBatch | PromptBatch, parts: int) -> list:
+    """Contiguous, nearly equal shards of whole chunks or questions (no empty shard)."""
+    docs = len(batch.ids)
     bounds = [round(i * docs / parts) for i in range(parts + 1)]
-    return [
-        ChunkBatch(chunks.chunk_ids[a:b], chunks.tokens[a:b], chunks.step) for a, b in zip(bounds, bounds[1:]) if b > a
-    ]
+    return [batch.part(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -1,9 +1,9 @@
 """What training costs in machine time, and the floor EBFT's cost has against SFT's.
 
 A step's machine time is each pool's devices times the seconds they were busy on it: GPUs where the pool
-has them, else the cores its threads run on (ebft.cpu_threads). Generation and embedding are timed inside
-their actors (a shard's elapsed_s), the learner from the controller (its optimizer step and weight push,
-every rank busy). Held-out evaluations are not training and are left out.
+has them, else the cores its threads run on (ebft.cpu_threads). Generation and embedding (RLVR: verifying) are
+timed inside their actors (a shard's elapsed_s), the learner from the controller (its optimizer step and weight
+push, every rank busy). Held-out evaluations are not training and are left out.
 
 The floor: per document the learner's packed row holds S = T + n*NB*G tokens where SFT's holds T, so an
 EBFT step costs at least S/T SFT steps (docs/method.md section 2), before generating and embedding.
@@ -17,7 +17,7 @@ from ebft.config import Config, PoolResources
 from ebft.cpu_threads import actor_threads, node_cores
 from ebft.layout import BlockPlan
 
-COST_METRICS = ("cost/rollout_s", "cost/features_s", "cost/learner_s", "cost/machine_s")
+COST_METRICS = ("cost/rollout_s", "cost/features_s", "cost/verifiers_s", "cost/learner_s", "cost/machine_s")
 
 
 def pool_devices(resources: PoolResources, *, trains_alone: bool = False, ranks_on_node: int = 1) -> float:
@@ -39,6 +39,7 @@ def step_cost(config: Config, metrics: dict[str, float], *, ranks_on_node: Seque
     cost = {
         "cost/rollout_s": metrics.get("timing/generate", 0.0) * pool_devices(pools.rollout),
         "cost/features_s": metrics.get("timing/features", 0.0) * pool_devices(pools.features),
+        "cost/verifiers_s": metrics.get("timing/verifiers", 0.0) * pool_devices(pools.verifiers),
         "cost/learner_s": (metrics["timing/train"] + metrics.get("timing/weight_sync", 0.0)) * learner_devices,
     }
     cost["cost/machine_s"] = sum(cost.values())

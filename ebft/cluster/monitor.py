@@ -191,17 +191,22 @@ def is_evaluation(record: dict[str, Any]) -> bool:
 def throughput(config: Config, result: StepResult) -> dict[str, float]:
     """Tokens and features per second of a training step, and its wall time."""
     m = result.metrics
+    step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
     if not result.rollouts:  # sft: no rollouts
         docs = config.training.docs_per_step
-        step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
         return {
             "perf/trained_tokens_per_s": docs * config.data.chunk_length / max(m["timing/train"], 1e-9),
+            "perf/step_time_s": step_time,
+        }
+    if config.training.method == "rlvr":
+        generated = sum(len(completion) for r in result.rollouts for group in r.tokens for completion in group)
+        return {
+            "perf/generated_tokens_per_s": generated / max(m["timing/generate"], 1e-9),
             "perf/step_time_s": step_time,
         }
     docs = sum(len(r.chunks.chunk_ids) for r in result.rollouts)
     s = config.sampling
     generated = docs * s.num_samples * config.num_blocks * s.block_length
-    step_time = m["timing/waiting"] + m["timing/train"] + m["timing/weight_sync"]
     return {
         "perf/generated_tokens_per_s": generated / max(m["timing/generate"], 1e-9),
         "perf/features_per_s": docs * s.num_samples * config.num_blocks / max(m["timing/features"], 1e-9),

@@ -1,4 +1,4 @@
-"""One placement group per pool, so rollout, feature and learner resources scale independently."""
+"""One placement group per pool, so rollout, feature, learner (and verifier) resources scale independently."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from ray.util.placement_group import PlacementGroup, placement_group
 from ebft.config import Config, ConfigError, PoolResources
 
 POOLS = ("rollout", "features", "learner")
+
+
+def run_pools(config: Config) -> tuple[str, ...]:
+    """The pools a run starts: RLVR runs score their completions in a verifier pool too."""
+    return (*POOLS, "verifiers") if config.training.method == "rlvr" else POOLS
 
 
 def pool_bundles(resources: PoolResources) -> list[dict[str, float]]:
@@ -20,7 +25,7 @@ def pool_bundles(resources: PoolResources) -> list[dict[str, float]]:
 def check_fits(config: Config) -> None:
     """Fail before any actor starts if the pools cannot fit the cluster's resources."""
     available = ray.cluster_resources()
-    bundles = {pool: pool_bundles(getattr(config.resources, pool)) for pool in POOLS}
+    bundles = {pool: pool_bundles(getattr(config.resources, pool)) for pool in run_pools(config)}
     for kind in sorted({kind for pool in bundles.values() for bundle in pool for kind in bundle}):
         needed = sum(bundle.get(kind, 0.0) for pool in bundles.values() for bundle in pool)
         have = available.get(kind, 0.0)
@@ -37,7 +42,7 @@ def create_placement_groups(config: Config, timeout_s: float = 120.0) -> dict[st
     check_fits(config)
     groups = {
         pool: placement_group(pool_bundles(getattr(config.resources, pool)), strategy="PACK", name=f"ebft-{pool}")
-        for pool in POOLS
+        for pool in run_pools(config)
     }
     ready, _ = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups), timeout=timeout_s)
     if len(ready) < len(groups):

@@ -58,8 +58,9 @@ def print_summary(summary, console: Console | None = None) -> None:
             f"intervals: paired bootstrap over {files} held-out source files ({n} chunks, the same sampling seeds "
             "at every evaluation); 'no' means the change cannot be told from noise at this size"
         )
+    unit = "questions" if summary.method == "rlvr" else "chunks"
     console.print(
-        f"trained chunks: {summary.trained_chunks} of {summary.scheduled_chunks} scheduled; "
+        f"trained {unit}: {summary.trained_chunks} of {summary.scheduled_chunks} scheduled; "
         f"generated tokens: {summary.generated_tokens:,}; actor restarts: {summary.restarts}; "
         f"machine time: {summary.machine_s:,.0f} device-s"
     )

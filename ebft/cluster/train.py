@@ -194,6 +194,7 @@ def run(config: Config, *, resume: bool = False, address: str | None = None) -> 
             restart_learner=recorder.restart_learner,
             checkpoint=inputs.checkpoint,
             machine_s=machine_seconds(recorder.monitor.history),
+            verifier_pool=pools.verifiers,
         )
         try:
             with stop_on_interrupt(controller):
@@ -234,7 +235,12 @@ class RunInputs:
         seed_everything(config.training.seed)
         tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=config.model.trust_remote_code)
         data = prepare_data(config.data, tokenizer)
-        stream = data.stream(seed=config.training.seed, shuffle=config.data.shuffle)
+        if config.training.method == "rlvr":
+            from ebft.data.tasks import prompt_stream
+
+            stream = prompt_stream(data, tokenizer, config)
+        else:
+            stream = data.stream(seed=config.training.seed, shuffle=config.data.shuffle)
         return cls(policy_path, feature_path, run_dir, checkpoint, start, tokenizer, data, stream)
 
 
@@ -248,13 +254,15 @@ class Pools:
 
         self.config, self.inputs = config, inputs
         self.groups = create_placement_groups(config)
-        self.rollout = self.features = self.learner = None
+        self.rollout = self.features = self.learner = self.verifiers = None
         self.logs = logs = (inputs.run_dir / "logs").resolve()  # every actor's own output; the console shows the run's
         log.info("actor logs: %s", logs)
         # HumanEval prompts and completions are longer than a training chunk.
         max_model_len = config.data.chunk_length + config.sampling.block_length
         if config.eval.every and config.eval.humaneval_problems:
             max_model_len = max(max_model_len, HUMANEVAL_MAX_PROMPT_TOKENS + config.eval.max_new_tokens)
+        if config.training.method == "rlvr":
+            max_model_len = max(max_model_len, config.rlvr.max_prompt_tokens + config.rlvr.max_new_tokens)
         try:
             self.rollout = ActorPool(
                 "rollout",
@@ -282,6 +290,15 @@ class Pools:
                 config.resources.features.num_actors,
                 self.groups["features"],
             )
+            if config.training.method == "rlvr":
+                from ebft.verifiers.pool import create_verifier
+
+                self.verifiers = ActorPool(
+                    "verifiers",
+                    lambda i: create_verifier(config, self.groups["verifiers"], i, log_file=f"{logs}/verifier-{i}.log"),
+                    config.resources.verifiers.num_actors,
+                    self.groups["verifiers"],
+                )
             extra = self.start_learner(inputs.checkpoint)
             if inputs.checkpoint:
                 inputs.stream.load_state_dict(extra["data_state"])
@@ -306,7 +323,7 @@ class Pools:
         return extra
 
     def shutdown(self) -> None:
-        for pool in (self.learner, self.rollout, self.features):
+        for pool in (self.learner, self.rollout, self.features, self.verifiers):
             if pool is not None:
                 pool.shutdown()
         for group in self.groups.values():
@@ -333,6 +350,11 @@ class RunRecorder:
         heldout = data.heldout_batch(config.eval.num_docs, seed=config.eval.seed) if len(data.heldout) else (None, None)
         self.evaluator = HeldoutEvaluator(config, *heldout)
         self.code_problems = humaneval_problems(config.eval.humaneval_problems) if self.evaluator.enabled else []
+        self.questions = None
+        if self.evaluator.enabled and config.eval.verifier_questions:
+            from ebft.evaluation.verifier_eval import heldout_questions
+
+            self.questions = heldout_questions(data.verifiable.get("heldout", []), inputs.tokenizer, config)
         self.saved: list[Path] = []
         # A resumed run's summary compares its end with the evaluations before the resume (the base's included).
         self.evaluations = load_evaluations(inputs.run_dir, start) if inputs.checkpoint else []
@@ -340,7 +362,8 @@ class RunRecorder:
 
     def on_step(self, result: StepResult) -> None:
         self.monitor.log(result.step, {**result.metrics, **throughput(self.config, result)})
-        if result.rollouts and (result.step + 1) % self.config.logging.samples_every == 0:
+        ebft = self.config.training.method == "ebft"
+        if ebft and result.rollouts and (result.step + 1) % self.config.logging.samples_every == 0:
             self.monitor.log_samples(result.step, sample_rows(self.config, self.inputs.tokenizer, result))
 
     def evaluate(self, step: int) -> None:
@@ -375,6 +398,18 @@ class RunRecorder:
                     code = code_eval(complete, self.code_problems, self.config)
                 evaluation.metrics.update(code.metrics)
                 evaluation.per_problem.update(code.per_problem)
+            if self.questions:
+                from ebft.evaluation.verifier_eval import verifier_eval
+
+                def complete_ids(prompts, **options):
+                    return ray.get(rollout.complete.remote(prompts, **options, alone=True))
+
+                with timed(timings, "timing/eval_verifier"):
+                    metrics, per_question = verifier_eval(
+                        complete_ids, self.questions, self.inputs.tokenizer, self.config
+                    )
+                evaluation.metrics.update(metrics)
+                evaluation.per_problem.update(per_question)
         evaluation.save(evaluation_path(self.inputs.run_dir, step))
         self.evaluations.append(evaluation)
         self.monitor.log(step, {**evaluation.metrics, **timings})
@@ -403,7 +438,9 @@ class RunRecorder:
     def summary(self, controller: Controller) -> TrainSummary:
         config, start = self.config, self.inputs.start["step"]
         s = config.sampling
-        generated_per_chunk = config.num_blocks * s.block_length * s.num_samples if controller.ebft else 0
+        generated_per_chunk = (
+            config.num_blocks * s.block_length * s.num_samples if config.training.method == "ebft" else 0
+        )
         return TrainSummary(
             run_dir=self.inputs.run_dir,
             method=config.training.method,

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -196,6 +196,8 @@ class PreparedData:
     train: PackedChunks
     heldout: PackedChunks
     report: DataReport
+    verifiable: dict[str, list[Example]] = field(default_factory=dict)
+    """{"train": [...], "heldout": [...]}: the examples with tests or references (training.method = rlvr)."""
 
     def stream(self, *, seed: int = 0, shuffle: bool = True) -> ChunkStream:
         return ChunkStream(self.train, seed=seed, shuffle=shuffle)
@@ -288,4 +290,8 @@ def prepare_data(config: DataConfig, tokenizer, *, progress: bool = True) -> Pre
         logger.warning(
             "data: the held-out split (%d tokens) fills no chunk; evaluation has no data", report.heldout_tokens
         )
-    return PreparedData(packed["train"], packed["held-out"], report)
+    verifiable = {
+        split: [example for example in examples if example.tests or example.references]
+        for split, examples in (("train", train), ("heldout", heldout))
+    }
+    return PreparedData(packed["train"], packed["held-out"], report, verifiable)

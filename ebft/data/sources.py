@@ -7,6 +7,8 @@ nothing is dropped without being counted.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,6 +85,9 @@ class Example:
     text: str
     """The whole text, or the question when `answer` is set."""
     answer: str | None = None
+    tests: tuple[str, ...] = ()
+    entry_point: str | None = None
+    references: tuple[str, ...] = ()
 
 
 def is_heldout(key: str, fraction: float) -> bool:
@@ -120,7 +125,48 @@ def _row_to_example(key: str, row: Any, source: SourceConfig) -> tuple[Example |
         if reason:
             return None, reason
         values.append(value)
-    return Example(key, *values), None
+    checks = {}
+    for name, field_name in (("tests", source.tests_key), ("references", source.references_key)):
+        if field_name:
+            pieces, reason = _text_list(row.get(field_name))
+            if reason:
+                return None, f"{name}_{reason}"
+            checks[name] = pieces
+    if source.entry_point_key:
+        entry_point, reason = _text_value(row.get(source.entry_point_key))
+        if reason:
+            return None, f"entry_point_{reason}"
+        checks["entry_point"] = entry_point
+    return Example(key, *values, **checks), None
+
+
+def _text_list(value: Any) -> tuple[tuple[str, ...], str | None]:
+    """A field holding one text or a list of them (tests, references) -> (texts, None) or ((), reason). A text that
+    is a list literal of texts (OpenCodeInstruct's `unit_tests`: "['assert f(1) == 2', ...]") is that list: run as
+    one test, the literal would pass whatever the code does."""
+    if value is None:
+        return (), "missing"
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+            parsed = ast.literal_eval(value.strip())
+            if isinstance(parsed, list) and all(isinstance(item, str) for item in parsed):
+                value = parsed
+    items = [value] if isinstance(value, (str, bytes, bytearray)) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        return (), "empty" if isinstance(items, (list, tuple)) else "not_text"
+    texts = []
+    for item in items:
+        text, reason = _text_value(item)
+        if reason:
+            return (), reason
+        texts.append(text)
+    return tuple(texts), None
+
+
+def source_columns(source: SourceConfig) -> list[str]:
+    """The fields a source's rows are read from."""
+    fields = [source.question_key, source.answer_key] if source.question_key else [source.text_key]
+    return fields + [name for name in (source.tests_key, source.entry_point_key, source.references_key) if name]
 
 
 def _jsonl_rows(path: Path, key_prefix: str) -> Iterator[tuple[str, Any, str | None]]:
@@ -173,8 +219,7 @@ def _read_file(path: Path, key: str, file_format: str, source: SourceConfig) -> 
     if file_format == "jsonl":
         rows = _jsonl_rows(path, key)
     else:
-        columns = [source.question_key, source.answer_key] if source.question_key else [source.text_key]
-        rows = _parquet_rows(path, key, columns)
+        rows = _parquet_rows(path, key, source_columns(source))
     examples, rejected = [], []
     for row_key, row, reason in rows:
         example, reason = (None, reason) if reason else _row_to_example(row_key, row, source)

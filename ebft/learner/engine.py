@@ -3,7 +3,8 @@
 An EBFT step takes this rank's share of the step's documents (rollouts + pooled features), turns
 features into per-block advantages (batches.py), and runs one packed forward per document (the
 document once, then its n samples of every block; ebft/layout.py) in micro-batches of
-`learner.micro_batch_docs` documents. An SFT step runs plain cross-entropy over the same micro-batches.
+`learner.micro_batch_docs` documents. An SFT step runs plain cross-entropy over the same micro-batches; an
+RLVR step packs each question with its n completions (ebft/rlvr/loss.py).
 Each micro-batch loss is a mean over its sequences; DeepSpeed divides by the accumulation steps and
 averages over ranks, so the accumulated gradient is the gradient of the full-batch loss. Every
 micro-batch therefore has the same size and every rank the same number of documents.
@@ -44,7 +45,9 @@ from ebft.learner.lora import adapter_metadata, adapter_state_dict, adapter_tens
 from ebft.learner.loss import chunks_document_ce, document_ce, ebft_loss, generated_logprobs
 from ebft.learner.state_dict import gather_state_dict, iter_state_dict, state_dict_metadata
 from ebft.learner.weight_sender import WeightStream
-from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.messages import ChunkBatch, CompletionBatch, FeatureBatch, RewardBatch, RolloutBatch
+from ebft.rlvr.advantages import leave_one_out_advantages
+from ebft.rlvr.loss import completion_logprobs, pack_prompt_groups, rlvr_loss
 
 METRIC_PREFIX = "train/"
 EBFT_LOSS_TERMS = ("loss", "policy_loss", "ce_loss", "kl", "importance_weight_mean", "truncated_fraction")
@@ -193,6 +196,71 @@ class LearnerRank:
 
         metrics = self.reduce.mean(self._accumulate(micro_loss))
         return self._step_metrics(metrics, docs.numel(), started)
+
+    def rlvr_step(
+        self, completions: Sequence[CompletionBatch], rewards: Sequence[RewardBatch], current_version: int
+    ) -> dict[str, float]:
+        """One RLVR optimizer step over this rank's questions (training.method = rlvr, docs/method.md section 10):
+        leave-one-out advantages of each question's n rewards, then each question packed once with its n
+        completions in micro-batches of learner.micro_batch_docs questions."""
+        self._check_version(current_version)
+        started = time.perf_counter()
+        prompts = [prompt for batch in completions for prompt in batch.prompts.prompts]
+        groups = [group for batch in completions for group in batch.tokens]
+        behavior = [group for batch in completions for group in batch.behavior_logprobs]
+        stale = torch.tensor([b.weight_version != current_version for b in completions for _ in b.prompts.task_ids])
+        if [r.task_ids for r in rewards] != [b.prompts.task_ids for b in completions]:
+            raise ValueError("the rewards are not those of these completions (their question ids differ)")
+        if len(prompts) != self.docs_per_rank:
+            raise ValueError(
+                f"this rank got {len(prompts)} questions; training.docs_per_step={self.config.training.docs_per_step}"
+                f" over {self.world_size} ranks needs {self.docs_per_rank}"
+            )
+        reward = torch.cat([r.rewards for r in rewards])
+        rlvr, temperature, loss_cfg = self.config.rlvr, self.config.sampling.temperature, self.config.loss
+        grouped = leave_one_out_advantages(reward, rlvr.divide_by_std, rlvr.std_eps)
+        weight_max = 0.0
+
+        def micro_loss(docs: slice):
+            nonlocal weight_max
+            packed = pack_prompt_groups(prompts[docs], groups[docs])
+            inputs = {
+                "input_ids": packed.tokens.to(self.device),
+                "position_ids": packed.position_ids.to(self.device),
+                "attention_mask": packed.attention_mask(self.dtype).to(self.device),
+                "use_cache": False,
+            }
+            logprobs = completion_logprobs(self.engine(**inputs).logits, packed, temperature)
+            ref_logprobs = None
+            if self.reference_model is not None:
+                with torch.no_grad():
+                    ref_logprobs = completion_logprobs(self.reference_model(**inputs).logits, packed, temperature)
+            n = packed.completions_per_prompt
+            terms = rlvr_loss(
+                logprobs,
+                grouped.advantages[docs].to(self.device),
+                packed,
+                kl_coef=loss_cfg.kl_coef,
+                behavior_logprobs=packed.per_target(behavior[docs]).to(self.device),
+                stale=stale[docs, None].expand(-1, n),
+                ratio_truncation=loss_cfg.ratio_truncation,
+                ref_logprobs=ref_logprobs,
+            )
+            weight_max = max(weight_max, float(terms.importance_weight_max))
+            return terms.loss, {name: float(getattr(terms, name).detach()) for name in EBFT_LOSS_TERMS}
+
+        metrics = self._accumulate(micro_loss)
+        lengths = [len(completion) for group in groups for completion in group]
+        metrics.update(
+            reward=float(reward.mean()),
+            equal_reward_fraction=grouped.equal_groups / len(prompts),
+            completion_tokens=sum(lengths) / len(lengths),
+            stale_fraction=float(stale.float().mean()),
+        )
+        metrics = self.reduce.mean(metrics)
+        metrics["advantage_std"] = self.reduce.std(grouped.advantages)
+        metrics["importance_weight_max"] = self.reduce.max(weight_max)
+        return self._step_metrics(metrics, sum(lengths) + sum(map(len, prompts)), started)
 
     def _check_version(self, current_version: int) -> None:
         if current_version != self.weight_version:

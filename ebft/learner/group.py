@@ -19,7 +19,7 @@ from ebft.actor_failures import UnresponsiveActorError, is_actor_failure
 from ebft.actor_resources import actor_options
 from ebft.config import BROADCAST_TRANSPORTS, Config
 from ebft.learner.weight_sender import WeightPush, make_weight_sender
-from ebft.messages import ChunkBatch, FeatureBatch, RolloutBatch
+from ebft.messages import ChunkBatch, CompletionBatch, FeatureBatch, RewardBatch, RolloutBatch
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +78,9 @@ class LearnerRankActor:
 
     def train_step(self, rollouts, features, current_version: int) -> dict[str, float]:
         return self.learner.train_step(rollouts, features, current_version)
+
+    def rlvr_step(self, completions, rewards, current_version: int) -> dict[str, float]:
+        return self.learner.rlvr_step(completions, rewards, current_version)
 
     def sft_step(self, chunks, current_version: int) -> dict[str, float]:
         return self.learner.sft_step(chunks, current_version)
@@ -216,6 +219,25 @@ class LearnerGroup:
         self.weight_version = int(metrics["train/weight_version"])
         return metrics
 
+    def rlvr_step(
+        self, completions: list[CompletionBatch], rewards: list[RewardBatch], current_version: int
+    ) -> dict[str, float]:
+        """One RLVR step over the step's questions (training.method = rlvr), split evenly over the ranks."""
+        questions = sum(len(batch.tokens) for batch in completions)
+        if questions % self.world_size:
+            raise ValueError(f"{questions} questions cannot be split evenly over {self.world_size} learner ranks")
+        per_rank, shards, start = questions // self.world_size, [], 0
+        for _ in range(self.world_size):
+            shards.append(cut(list(zip(completions, rewards)), start, start + per_rank))
+            start += per_rank
+        calls = [
+            actor.rlvr_step.remote([c for c, _ in shard], [r for _, r in shard], current_version)
+            for actor, shard in zip(self.actors, shards)
+        ]
+        metrics = gather(calls)[0]
+        self.weight_version = int(metrics["train/weight_version"])
+        return metrics
+
     def connect_weight_receivers(self, rollout_actors: Sequence[Any]) -> None:
         """Open the configured weight transport from rank 0 to these rollout actors (once, or after a restart)."""
         self.rollout_actors = list(rollout_actors)
@@ -276,6 +298,18 @@ class LearnerGroup:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def cut(pairs: list[tuple[CompletionBatch, RewardBatch]], start: int, stop: int) -> list:
+    """The questions start..stop of consecutive (completions, rewards) batches, as parts of them."""
+    parts, offset = [], 0
+    for completions, rewards in pairs:
+        size = len(completions.tokens)
+        a, b = max(start - offset, 0), min(stop - offset, size)
+        if a < b:
+            parts.append((completions.part(a, b), rewards.part(a, b)))
+        offset += size
+    return parts
 
 
 def gather(refs: list, bound_s: float | None = None) -> list:
